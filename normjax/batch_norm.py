@@ -1,0 +1,313 @@
+"""Batch normalization and batch renormalization over an explicit running state.
+
+Both functions are pure: the running statistics live in a
+:class:`BatchNormState` that goes in and comes back out, in training and in
+evaluation alike, so a single step function serves both.
+
+References:
+  Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network Training
+  by Reducing Internal Covariate Shift", ICML 2015. arXiv:1502.03167.
+  Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+  Batch-Normalized Models", NeurIPS 2017. arXiv:1702.03275.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from normjax import _stats
+from normjax._stats import Axes, Moments
+
+Array = jax.Array
+
+__all__ = ["BatchNormState", "batch_norm", "batch_norm_state", "batch_renorm"]
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics of a batch-normalized layer.
+
+    Attributes:
+      mean: running mean, of the feature shape.
+      var: running (biased, unless ``unbiased_running_var``) variance.
+      count: int32 scalar, the number of training updates taken so far.
+    """
+
+    mean: Array
+    var: Array
+    count: Array
+
+
+def batch_norm_state(
+    feature_shape: int | tuple[int, ...], dtype: Any = jnp.float32
+) -> BatchNormState:
+    """The initial state: mean 0, variance 1, count 0.
+
+    Args:
+      feature_shape: the shape of the normalized features (an int for one axis).
+      dtype: dtype of the running mean and variance.
+
+    Returns:
+      A :class:`BatchNormState`.
+    """
+    shape = (feature_shape,) if isinstance(feature_shape, (int, np.integer)) else feature_shape
+    shape = tuple(int(d) for d in shape)
+    return BatchNormState(
+        jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32)
+    )
+
+
+class _Prepared(NamedTuple):
+    x: Array
+    feature_axes: tuple[int, ...]
+    reduction_axes: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    mask: Array | None
+
+
+def _prepare(
+    x: Any,
+    state: BatchNormState,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    training: bool,
+    axis: Axes,
+    momentum: float | None,
+    epsilon: float,
+    mask: Array | None,
+    axis_name: Hashable | None,
+) -> _Prepared:
+    """Validates every argument at trace time; returns the canonical pieces."""
+    x = _stats.check_floating(x)
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
+    feature_axes = _stats.canonicalize_axes(axis, x.ndim, "axis")
+    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    fshape = _stats.feature_shape(x.shape, feature_axes)
+    if momentum is not None and not (
+        isinstance(momentum, (int, float, np.floating)) and 0 <= momentum < 1
+    ):
+        raise ValueError(f"`momentum` must be in [0, 1) or None, got {momentum!r}.")
+    _stats.check_epsilon(epsilon)
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState (see batch_norm_state), got {type(state).__name__}."
+        )
+    _stats.check_param_shape(state.mean, fshape, "state.mean")
+    _stats.check_param_shape(state.var, fshape, "state.var")
+    _stats.check_param_shape(scale, fshape, "scale")
+    _stats.check_param_shape(bias, fshape, "bias")
+    mask = _stats.broadcast_mask(mask, x.shape)
+    per_feature = int(np.prod([x.shape[a] for a in reduction_axes]))
+    if training and axis_name is None and per_feature <= 1:
+        raise ValueError(
+            f"batch_norm in training needs more than one value per feature to compute a "
+            f"variance, got input shape {x.shape} with feature axes {feature_axes} "
+            f"({per_feature} value per feature). Use a larger batch, or layer_norm / "
+            f"group_norm, which do not depend on the batch."
+        )
+    return _Prepared(x, feature_axes, reduction_axes, fshape, mask)
+
+
+def _update_state(
+    state: BatchNormState,
+    batch: Moments,
+    fshape: tuple[int, ...],
+    *,
+    momentum: float | None,
+    debias: bool,
+    unbiased_running_var: bool,
+    skip_nonfinite: bool,
+) -> BatchNormState:
+    """One step of the running averages: ``new = old + w * (batch - old)``."""
+    dtype = jnp.result_type(state.mean)
+    mean = batch.mean.reshape(fshape).astype(dtype)
+    var = batch.var
+    if unbiased_running_var:
+        n = batch.count
+        var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
+    var = var.reshape(fshape).astype(dtype)
+
+    count = state.count + 1
+    t = count.astype(dtype)
+    if momentum is None:
+        w = 1 / t
+    elif debias:
+        # Bias-corrected EMA (Kingma & Ba 2015): the state is always the
+        # corrected average, so it is usable after a single step.
+        w = (1 - momentum) / (1 - jnp.asarray(momentum, dtype) ** t)
+    else:
+        w = jnp.asarray(1 - momentum, dtype)
+    updated = BatchNormState(
+        state.mean + w * (mean - state.mean), state.var + w * (var - state.var), count
+    )
+    if not skip_nonfinite:
+        return updated
+    ok = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var)) & jnp.all(batch.count > 0)
+    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
+
+
+def batch_norm(
+    x: Array,
+    state: BatchNormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    axis: Axes = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+    debias: bool = True,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
+    dtype: Any = None,
+) -> tuple[Array, BatchNormState]:
+    """Batch normalization: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+
+    In training the mean and biased variance of the batch are used and the
+    running state is updated; in evaluation the running state is used and
+    returned unchanged.
+
+    Args:
+      x: floating input.
+      state: the running statistics, from :func:`batch_norm_state`.
+      scale: optional gamma, of the feature shape.
+      bias: optional beta, of the feature shape.
+      training: batch statistics (True) or running statistics (False).
+      axis: the feature axis or axes, kept; every other axis is reduced.
+        ``axis=1`` for NCHW, ``-1`` (the default) for NHWC.
+      momentum: ``new = momentum * old + (1 - momentum) * batch`` (Flax and
+        Keras convention; PyTorch's 0.1 is 0.9 here). None keeps the
+        cumulative average of all batches seen.
+      epsilon: added to the variance.
+      mask: optional boolean, broadcastable to ``x``: statistics over the True
+        entries only. Every entry is still normalized.
+      axis_name: also reduce over this named axis (pmap, shard_map, vmap). The
+        statistics are exact over the union of all devices' masked entries.
+      axis_index_groups: as in ``lax.psum``.
+      debias: divide the moving average by ``1 - momentum^t`` so the state
+        holds a usable estimate from the first step. False reproduces Flax:
+        an EMA started from mean 0 and variance 1.
+      unbiased_running_var: store ``n/(n-1)`` times the batch variance in the
+        running variance, as PyTorch does. Normalization always uses the
+        biased batch variance.
+      skip_nonfinite: keep the running state (and count) as it was when the
+        batch statistics are not finite. The output still shows the NaN.
+      dtype: output dtype; ``x.dtype`` by default.
+
+    Returns:
+      ``(y, new_state)``.
+
+    Raises:
+      TypeError: ``x`` is not floating, ``state`` is not a BatchNormState.
+      ValueError: ``axis`` out of range; state, scale, bias or mask of the wrong
+        shape; momentum outside [0, 1); epsilon <= 0; one value per feature in
+        training.
+    """
+    p = _prepare(
+        x, state, scale, bias, training=training, axis=axis, momentum=momentum,
+        epsilon=epsilon, mask=mask, axis_name=axis_name,
+    )  # fmt: skip
+    out_dtype = p.x.dtype if dtype is None else dtype
+    if not training:
+        stats = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
+        return _stats.normalize(p.x, stats, scale, bias, p.feature_axes, out_dtype), state
+    stats = _stats.moments(
+        p.x, p.reduction_axes, epsilon=epsilon, mask=p.mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )  # fmt: skip
+    y = _stats.normalize(p.x, stats, scale, bias, p.feature_axes, out_dtype)
+    new_state = _update_state(
+        state, stats, p.feature_shape, momentum=momentum, debias=debias,
+        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
+    )  # fmt: skip
+    return y, new_state
+
+
+def batch_renorm(
+    x: Array,
+    state: BatchNormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    axis: Axes = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+    debias: bool = True,
+    unbiased_running_var: bool = False,
+    skip_nonfinite: bool = True,
+    dtype: Any = None,
+) -> tuple[Array, BatchNormState]:
+    """Batch renormalization: batch norm corrected toward the running statistics.
+
+    In training, ``y = ((x - mu_B) / sigma_B * r + d) * scale + bias`` with
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+    ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``, both treated as
+    constants by the gradient; ``mu, sigma`` are the running statistics. With
+    ``r_max=1, d_max=0`` this is batch norm. Until the state has seen a batch
+    (``state.count == 0``) there is nothing to correct toward, and ``r = 1,
+    d = 0``. Evaluation and the running update are those of :func:`batch_norm`.
+
+    Args:
+      x, state, scale, bias, training, axis, momentum, epsilon, mask, axis_name,
+      axis_index_groups, debias, unbiased_running_var, skip_nonfinite, dtype:
+        as in :func:`batch_norm`.
+      r_max: bound on the std correction, >= 1.
+      d_max: bound on the mean correction, >= 0.
+
+    Returns:
+      ``(y, new_state)``.
+
+    Raises:
+      As :func:`batch_norm`, and ValueError for r_max < 1 or d_max < 0.
+
+    Reference: Ioffe, NeurIPS 2017, arXiv:1702.03275, Algorithm 1.
+    """
+    if not (isinstance(r_max, (int, float, np.floating)) and r_max >= 1):
+        raise ValueError(f"`r_max` must be a number >= 1, got {r_max!r}.")
+    if not (isinstance(d_max, (int, float, np.floating)) and d_max >= 0):
+        raise ValueError(f"`d_max` must be a number >= 0, got {d_max!r}.")
+    if not training:
+        return batch_norm(
+            x, state, scale, bias, training=False, axis=axis, momentum=momentum,
+            epsilon=epsilon, mask=mask, dtype=dtype,
+        )  # fmt: skip
+    p = _prepare(
+        x, state, scale, bias, training=training, axis=axis, momentum=momentum,
+        epsilon=epsilon, mask=mask, axis_name=axis_name,
+    )  # fmt: skip
+    out_dtype = p.x.dtype if dtype is None else dtype
+    batch = _stats.moments(
+        p.x, p.reduction_axes, epsilon=epsilon, mask=p.mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )  # fmt: skip
+    running = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
+    seen = state.count > 0
+    # sigma_B / sigma = inv_std_running / inv_std_batch.
+    r = jnp.where(seen, jnp.clip(running.inv_std / batch.inv_std, 1 / r_max, r_max), 1)
+    d = jnp.where(seen, jnp.clip((batch.mean - running.mean) * running.inv_std, -d_max, d_max), 0)
+    r, d = lax.stop_gradient(r), lax.stop_gradient(d)
+    # (x - mu_B) * inv_B * r + d  ==  (x - (mu_B - d / (inv_B * r))) * (inv_B * r).
+    inv_std = batch.inv_std * r
+    corrected = batch._replace(mean=batch.mean - d / inv_std, inv_std=inv_std)
+    y = _stats.normalize(p.x, corrected, scale, bias, p.feature_axes, out_dtype)
+    new_state = _update_state(
+        state, batch, p.feature_shape, momentum=momentum, debias=debias,
+        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
+    )  # fmt: skip
+    return y, new_state

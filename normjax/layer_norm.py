@@ -1,0 +1,273 @@
+"""Per-sample normalizations: layer, RMS, group and instance norm.
+
+None of them depends on the batch, so they work with a batch of one and
+inside recurrent cells, where batch norm does not.
+
+References:
+  Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
+  Zhang and Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+  arXiv:1910.07467.
+  Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
+  Ulyanov, Vedaldi and Lempitsky, "Instance Normalization: The Missing
+  Ingredient for Fast Stylization", 2016. arXiv:1607.08022.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from normjax import _stats
+from normjax._stats import Axes
+
+Array = jax.Array
+
+__all__ = ["group_norm", "instance_norm", "layer_norm", "rms_norm"]
+
+
+def _normalize_over(
+    x: Any,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    reduction_axes: Axes,
+    feature_axes: Axes,
+    epsilon: float,
+    mask: Array | None,
+    dtype: Any,
+    center: bool,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Shared body: validate, compute the moments over ``reduction_axes``, apply them."""
+    x = _stats.check_floating(x)
+    reduction = _stats.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+    features = _stats.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+    _stats.check_epsilon(epsilon)
+    fshape = _stats.feature_shape(x.shape, features)
+    _stats.check_param_shape(scale, fshape, "scale")
+    _stats.check_param_shape(bias, fshape, "bias")
+    mask = _stats.broadcast_mask(mask, x.shape)
+    stats = _stats.moments(
+        x, reduction, epsilon=epsilon, mask=mask, center=center, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )  # fmt: skip
+    return _stats.normalize(x, stats, scale, bias, features, x.dtype if dtype is None else dtype)
+
+
+def layer_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+) -> Array:
+    """Layer normalization: each sample normalized over its own features.
+
+    Args:
+      x: floating input.
+      scale: optional gamma, of ``x``'s shape at ``feature_axes``.
+      bias: optional beta, of ``x``'s shape at ``feature_axes``.
+      reduction_axes: the axes the mean and variance are taken over.
+      feature_axes: the axes ``scale`` and ``bias`` span.
+      epsilon: added to the variance.
+      mask: optional boolean, broadcastable to ``x``: statistics over True
+        entries only.
+      axis_name: also reduce over this named axis (features split across
+        devices).
+      axis_index_groups: as in ``lax.psum``.
+      dtype: output dtype; ``x.dtype`` by default.
+
+    Returns:
+      The normalized array.
+
+    Raises:
+      TypeError: ``x`` is not floating.
+      ValueError: axes out of range, scale/bias/mask of the wrong shape,
+        epsilon <= 0.
+
+    Reference: Ba, Kiros and Hinton 2016, arXiv:1607.06450.
+    """
+    return _normalize_over(
+        x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+        epsilon=epsilon, mask=mask, dtype=dtype, center=True, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )  # fmt: skip
+
+
+def rms_norm(
+    x: Array,
+    scale: Array | None = None,
+    *,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+) -> Array:
+    """RMS normalization: ``x / sqrt(mean(x^2) + epsilon) * scale``, no centering.
+
+    Args:
+      x, scale, reduction_axes, feature_axes, epsilon, mask, axis_name,
+      axis_index_groups, dtype: as in :func:`layer_norm`.
+
+    Returns:
+      The normalized array.
+
+    Raises:
+      As :func:`layer_norm`.
+
+    Reference: Zhang and Sennrich, NeurIPS 2019, arXiv:1910.07467.
+    """
+    return _normalize_over(
+        x, scale, None, reduction_axes=reduction_axes, feature_axes=feature_axes,
+        epsilon=epsilon, mask=mask, dtype=dtype, center=False, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )  # fmt: skip
+
+
+def group_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    num_groups: int | None = 32,
+    group_size: int | None = None,
+    reduction_axes: Axes | None = None,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+    dtype: Any = None,
+) -> Array:
+    """Group normalization: channels split into groups, each normalized per sample.
+
+    Channels are on the last axis. Within each group the statistics are taken
+    over every axis but the leading batch axis (or over ``reduction_axes``,
+    which must then include the channel axis, as in Flax).
+
+    Args:
+      x: floating input ``(batch, ..., channels)``.
+      scale: optional gamma, ``(channels,)``.
+      bias: optional beta, ``(channels,)``.
+      num_groups: the number of groups; exactly one of ``num_groups`` and
+        ``group_size`` is given.
+      group_size: the number of channels per group.
+      reduction_axes: axes of ``x`` to reduce (channel axis included); None
+        for every axis but the first.
+      epsilon: added to the variance.
+      mask: optional boolean, broadcastable to ``x``.
+      dtype: output dtype; ``x.dtype`` by default.
+
+    Returns:
+      The normalized array.
+
+    Raises:
+      TypeError: ``x`` is not floating.
+      ValueError: both or neither of num_groups and group_size; a group count
+        or size that does not divide the channels; axes out of range;
+        scale/bias/mask of the wrong shape; epsilon <= 0.
+
+    Reference: Wu and He, ECCV 2018, arXiv:1803.08494.
+    """
+    x = _stats.check_floating(x)
+    if x.ndim < 2:
+        raise ValueError(f"group_norm needs `x` with a batch and a channel axis, got {x.shape}.")
+    channels = x.shape[-1]
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            "Exactly one of `num_groups` and `group_size` must be given, got "
+            f"num_groups={num_groups!r}, group_size={group_size!r}."
+        )
+    if group_size is not None:
+        if not (isinstance(group_size, int) and group_size > 0 and channels % group_size == 0):
+            raise ValueError(
+                f"`group_size`={group_size!r} must be a positive divisor of the number of "
+                f"channels {channels}."
+            )
+        num_groups = channels // group_size
+    if not (isinstance(num_groups, int) and num_groups > 0 and channels % num_groups == 0):
+        raise ValueError(
+            f"`num_groups`={num_groups!r} must be a positive divisor of the number of "
+            f"channels {channels}."
+        )
+    if reduction_axes is None:
+        reduction = tuple(range(1, x.ndim))
+    else:
+        reduction = _stats.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
+        if x.ndim - 1 not in reduction:
+            raise ValueError(
+                f"`reduction_axes`={reduction_axes!r} must include the channel axis "
+                f"(the last, {x.ndim - 1})."
+            )
+    _stats.check_param_shape(scale, (channels,), "scale")
+    _stats.check_param_shape(bias, (channels,), "bias")
+    mask = _stats.broadcast_mask(mask, x.shape)
+    # Split channels into (groups, channels per group): statistics reduce the
+    # per-group axis, scale and bias span both.
+    grouped_shape = x.shape[:-1] + (num_groups, channels // num_groups)
+    grouped = x.reshape(grouped_shape)
+    y = _normalize_over(
+        grouped,
+        None if scale is None else scale.reshape(grouped_shape[-2:]),
+        None if bias is None else bias.reshape(grouped_shape[-2:]),
+        reduction_axes=reduction[:-1] + (x.ndim,),
+        feature_axes=(x.ndim - 1, x.ndim),
+        epsilon=epsilon,
+        mask=None if mask is None else mask.reshape(grouped_shape),
+        dtype=dtype,
+        center=True,
+    )
+    return y.reshape(x.shape)
+
+
+def instance_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    feature_axes: Axes = -1,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+    dtype: Any = None,
+) -> Array:
+    """Instance normalization: each sample and channel normalized over the rest.
+
+    Statistics are taken over every axis but the leading batch axis and
+    ``feature_axes``.
+
+    Args:
+      x: floating input ``(batch, ..., features)``.
+      scale, bias: optional, of ``x``'s shape at ``feature_axes``.
+      feature_axes: the channel axis or axes, kept.
+      epsilon, mask, dtype: as in :func:`layer_norm`.
+
+    Returns:
+      The normalized array.
+
+    Raises:
+      As :func:`layer_norm`; ValueError when no axis is left to reduce.
+
+    Reference: Ulyanov, Vedaldi and Lempitsky 2016, arXiv:1607.08022.
+    """
+    x = _stats.check_floating(x)
+    features = _stats.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
+    reduction = tuple(a for a in range(1, x.ndim) if a not in features)
+    if not reduction or 0 in features:
+        raise ValueError(
+            f"instance_norm reduces every axis but the batch axis 0 and `feature_axes`="
+            f"{feature_axes!r}; for an input of shape {x.shape} that leaves nothing to reduce."
+        )
+    return _normalize_over(
+        x, scale, bias, reduction_axes=reduction, feature_axes=features, epsilon=epsilon,
+        mask=mask, dtype=dtype, center=True,
+    )  # fmt: skip
