@@ -18,7 +18,6 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from normjax import _stats
 from normjax._stats import Axes
