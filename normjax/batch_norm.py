@@ -140,12 +140,16 @@ def _update_state(
         w = 1 / t
     elif debias:
         # Bias-corrected EMA (Kingma & Ba 2015): the state is always the
-        # corrected average, so it is usable after a single step.
-        w = (1 - momentum) / (1 - jnp.asarray(momentum, dtype) ** t)
+        # corrected average, so it is usable after a single step. The first
+        # weight is exactly 1, which rounding in (1 - m) / (1 - m^1) may miss.
+        m = jnp.asarray(momentum, dtype)
+        w = jnp.where(count == 1, 1, (1 - m) / (1 - m**t))
     else:
         w = jnp.asarray(1 - momentum, dtype)
+    # (1 - w) * old + w * batch, rather than old + w * (batch - old), is exactly
+    # the batch when w == 1.
     updated = BatchNormState(
-        state.mean + w * (mean - state.mean), state.var + w * (var - state.var), count
+        (1 - w) * state.mean + w * mean, (1 - w) * state.var + w * var, count
     )
     if not skip_nonfinite:
         return updated
