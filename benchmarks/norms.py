@@ -1,0 +1,450 @@
+"""Speed and memory of normjax's normalization layers against Flax and PyTorch (CPU).
+
+For every case (an op, a shape, a dtype) this measures the median wall time of
+the jit-compiled forward pass and of forward+backward (the gradient of
+``sum(y * g)`` with respect to the input and the parameters) for:
+
+* ``normjax``: the ``normjax.linen`` module (a thin wrapper over the functional core);
+* ``flax``: the ``flax.linen`` module of the same name with its default settings
+  (``use_fast_variance=True``: ``E[x^2] - E[x]^2``, which loses the variance of
+  data far from zero);
+* ``flax-stable``: the same with ``use_fast_variance=False`` (a stable variance,
+  the fair comparison);
+* ``torch``: ``torch.nn.functional`` on the CPU, when PyTorch is installed
+  (channels-first NCHW tensors, PyTorch's native layout);
+
+and a copy floor (``y = 2x + 1`` on the same array). All implementations get the
+same constructor arguments; the output dtype is the input's (``dtype=x.dtype``).
+The repetitions are interleaved (one sample of each implementation in a shuffled
+round-robin order per repetition, in one process) so machine noise hits all of
+them alike. The compiled temporary memory of forward+backward comes from
+``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``.
+
+The issue's targets are checked at the end: normjax/Flax <= 1.0 (worst <= 1.05)
+forward and forward+backward, geometric mean <= 0.8 on forward+backward,
+layer_norm forward+backward temporary memory <= 0.1x the input's size, and
+within 2x of PyTorch.
+
+Usage::
+
+    python benchmarks/norms.py                       # every case, float32 and bfloat16
+    python benchmarks/norms.py --quick               # 5 repetitions, float32 only
+    python benchmarks/norms.py --cases layer_norm,group_norm --dtype float32 --reps 25
+    python benchmarks/norms.py --out benchmarks/results_norms.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from normjax import linen as njl
+
+try:  # PyTorch is optional: only a comparison column.
+    import torch
+    import torch.nn.functional as tf
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+
+IMPLS = ("normjax", "flax", "flax-stable", "torch")
+MODES = ("fwd", "fwd+bwd")
+SAMPLE_SECONDS = 2e-3  # one timing sample runs the function until at least this long
+
+SHAPES_2D = ((4096, 768), (512, 4096), (65536, 64))
+SHAPES_4D = ((64, 32, 32, 64), (32, 32, 32, 128))
+# op -> the shapes it runs on: layer/RMS norm on (tokens, features), group and
+# instance norm on images (N, H, W, C), batch norm on both.
+OP_SHAPES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "layer_norm": SHAPES_2D,
+    "rms_norm": SHAPES_2D,
+    "batch_norm_train": SHAPES_2D + SHAPES_4D,
+    "batch_norm_eval": SHAPES_2D + SHAPES_4D,
+    "group_norm": SHAPES_4D,
+    "instance_norm": SHAPES_4D,
+}
+TARGET_WORST = 1.05
+TARGET_GEOMEAN_FWD_BWD = 0.8
+TARGET_LN_TEMP = 0.1
+TARGET_TORCH = 2.0
+
+
+class Case(NamedTuple):
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype}"
+
+
+# ----------------------------------------------------------------------------
+# The implementations of one case.
+
+
+def _flax_module(lib: Any, op: str, dtype: Any, **extra: Any) -> nn.Module:
+    """The module for ``op`` from ``lib`` (flax.linen or normjax.linen)."""
+    kw = dict(dtype=dtype, **extra)
+    if op == "layer_norm":
+        return lib.LayerNorm(**kw)
+    if op == "rms_norm":
+        return lib.RMSNorm(**kw)
+    if op == "batch_norm_train":
+        return lib.BatchNorm(use_running_average=False, **kw)
+    if op == "batch_norm_eval":
+        return lib.BatchNorm(use_running_average=True, **kw)
+    if op == "group_norm":
+        return lib.GroupNorm(num_groups=32, **kw)
+    if op == "instance_norm":
+        return lib.InstanceNorm(**kw)
+    raise ValueError(f"unknown op {op!r}")
+
+
+class Compiled(NamedTuple):
+    fwd: Callable[[], Any]
+    fwd_bwd: Callable[[], Any]
+    temp_bytes: int | None
+
+
+def _jax_impl(module: nn.Module, x: jax.Array, g: jax.Array) -> Compiled:
+    """Jit-compiled forward and forward+backward of a linen module on ``x``."""
+    variables = module.init(jax.random.key(0), x)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    mutable = ["batch_stats"] if isinstance(module, (nn.BatchNorm, njl.BatchNorm)) else False
+    training = mutable and not module.use_running_average
+
+    def forward(params: Any, x: jax.Array) -> Any:
+        out = module.apply({"params": params, **state}, x, mutable=mutable if training else False)
+        return out  # (y, updated batch_stats) in training batch norm, y otherwise
+
+    def loss(params: Any, x: jax.Array) -> jax.Array:
+        out = forward(params, x)
+        y = out[0] if training else out
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    fwd = jax.jit(forward).lower(params, x).compile()
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    mem = fwd_bwd.memory_analysis()
+    temp = None if mem is None else int(mem.temp_size_in_bytes)
+    return Compiled(lambda: fwd(params, x), lambda: fwd_bwd(params, x), temp)
+
+
+def _torch_impl(op: str, x_nhwc: np.ndarray, g_nhwc: np.ndarray, dtype: str) -> Compiled:
+    """PyTorch CPU forward and forward+backward; 4-D inputs as NCHW tensors."""
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+    def to_torch(a: np.ndarray) -> Any:
+        t = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+        if t.ndim == 4:
+            t = t.permute(0, 3, 1, 2).contiguous()
+        return t.to(tdtype)
+
+    x, g = to_torch(x_nhwc), to_torch(g_nhwc).float()
+    channels = x_nhwc.shape[-1]
+    weight = torch.ones(channels, dtype=torch.float32)
+    bias = torch.zeros(channels, dtype=torch.float32)
+    running_mean = torch.zeros(channels)
+    running_var = torch.ones(channels)
+
+    def call(x: Any, w: Any, b: Any) -> Any:
+        if op == "layer_norm":
+            return tf.layer_norm(x, (channels,), w, b, eps=1e-6)
+        if op == "rms_norm":
+            return tf.rms_norm(x, (channels,), w, eps=1e-6)
+        if op == "batch_norm_train":
+            return tf.batch_norm(x, running_mean, running_var, w, b, True, 0.01, 1e-5)
+        if op == "batch_norm_eval":
+            return tf.batch_norm(x, running_mean, running_var, w, b, False, 0.01, 1e-5)
+        if op == "group_norm":
+            return tf.group_norm(x, 32, w, b, eps=1e-6)
+        if op == "instance_norm":
+            return tf.instance_norm(x, weight=w, bias=b, eps=1e-6)
+        raise ValueError(op)
+
+    # Mixed precision (bf16 input, fp32 parameters) where PyTorch supports it.
+    try:
+        with torch.no_grad():
+            call(x, weight, bias)
+    except RuntimeError:
+        weight, bias = weight.to(tdtype), bias.to(tdtype)
+
+    def fwd() -> Any:
+        with torch.no_grad():
+            return call(x, weight, bias)
+
+    def fwd_bwd() -> Any:
+        xr = x.detach().requires_grad_(True)
+        w = weight.detach().requires_grad_(True)
+        b = bias.detach().requires_grad_(True)
+        y = call(xr, w, b)
+        inputs = [xr, w] if op == "rms_norm" else [xr, w, b]
+        return torch.autograd.grad((y.float() * g).sum(), inputs)
+
+    return Compiled(fwd, fwd_bwd, None)
+
+
+def build_case(case: Case) -> tuple[dict[str, Compiled], Callable[[], Any]]:
+    """Every implementation of ``case``, plus the copy floor."""
+    dtype = jnp.dtype(case.dtype)
+    kx, kg = jax.random.split(jax.random.key(len(case.label)))
+    x = jax.random.normal(kx, case.shape, jnp.float32).astype(dtype)
+    g = jax.random.normal(kg, case.shape, jnp.float32)
+    impls = {
+        "normjax": _jax_impl(_flax_module(njl, case.op, dtype), x, g),
+        "flax": _jax_impl(_flax_module(nn, case.op, dtype), x, g),
+        "flax-stable": _jax_impl(_flax_module(nn, case.op, dtype, use_fast_variance=False), x, g),
+    }
+    if torch is not None:
+        xf = np.asarray(x.astype(jnp.float32))
+        impls["torch"] = _torch_impl(case.op, xf, np.asarray(g), case.dtype)
+    copy = jax.jit(lambda x: 2 * x + 1).lower(x).compile()
+    return impls, lambda: copy(x)
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def _block(out: Any) -> None:
+    """Waits for JAX's asynchronous dispatch; PyTorch on the CPU is synchronous."""
+    for leaf in jax.tree.leaves(out):
+        if isinstance(leaf, jax.Array):
+            leaf.block_until_ready()
+
+
+def _calls_per_sample(fn: Callable[[], Any]) -> int:
+    """How many back-to-back calls make one sample of at least SAMPLE_SECONDS."""
+    _block(fn())  # warm-up (allocations, thread pools)
+    start = time.perf_counter()
+    _block(fn())
+    once = time.perf_counter() - start
+    return max(1, math.ceil(SAMPLE_SECONDS / max(once, 1e-7)))
+
+
+def _sample_ms(fn: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+    _block(out)
+    return 1e3 * (time.perf_counter() - start) / calls
+
+
+def time_case(
+    impls: dict[str, Compiled], copy: Callable[[], Any], reps: int, seed: int
+) -> dict[tuple[str, str], float]:
+    """Median ms of every (implementation, mode), repetitions interleaved."""
+    fns: dict[tuple[str, str], Callable[[], Any]] = {("copy", "fwd"): copy}
+    for name, impl in impls.items():
+        fns[(name, "fwd")] = impl.fwd
+        fns[(name, "fwd+bwd")] = impl.fwd_bwd
+    calls = {key: _calls_per_sample(fn) for key, fn in fns.items()}
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+    order = list(fns)
+    rng = random.Random(seed)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for key in order:
+            samples[key].append(_sample_ms(fns[key], calls[key]))
+    return {key: statistics.median(v) for key, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def run(cases: Sequence[Case], reps: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for i, case in enumerate(cases):
+        impls, copy = build_case(case)
+        times = time_case(impls, copy, reps, seed=i)
+        row: dict[str, Any] = {"case": case, "copy": times[("copy", "fwd")]}
+        for name in IMPLS:
+            for mode in MODES:
+                row[(name, mode)] = times.get((name, mode))
+        for name in ("normjax", "flax", "flax-stable"):
+            row[("temp", name)] = impls[name].temp_bytes
+        rows.append(row)
+        log(
+            f"[{i + 1}/{len(cases)}] {case.label}: normjax/flax fwd "
+            f"{_fmt(_ratio(row[('normjax', 'fwd')], row[('flax', 'fwd')]))}, fwd+bwd "
+            f"{_fmt(_ratio(row[('normjax', 'fwd+bwd')], row[('flax', 'fwd+bwd')]))}"
+        )
+    return rows
+
+
+def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
+    """The markdown table, the summary and the target checks; True if all met."""
+    header = (
+        "| case | copy | normjax fwd | flax fwd | flax-stable fwd | torch fwd "
+        "| normjax f+b | flax f+b | flax-stable f+b | torch f+b "
+        "| nj/flax fwd | nj/flax f+b | nj/stable f+b | nj/torch (worst) "
+        "| temp MB nj / flax / stable |"
+    )
+    lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
+    fwd_r, fb_r, stable_r, torch_r, ln_temp = [], [], [], [], []
+    for row in rows:
+        case: Case = row["case"]
+        r_fwd = _ratio(row[("normjax", "fwd")], row[("flax", "fwd")])
+        r_fb = _ratio(row[("normjax", "fwd+bwd")], row[("flax", "fwd+bwd")])
+        r_stable = _ratio(row[("normjax", "fwd+bwd")], row[("flax-stable", "fwd+bwd")])
+        r_torch = [
+            r
+            for r in (
+                _ratio(row[("normjax", "fwd")], row[("torch", "fwd")]),
+                _ratio(row[("normjax", "fwd+bwd")], row[("torch", "fwd+bwd")]),
+            )
+            if r is not None
+        ]
+        fwd_r.append(r_fwd)
+        fb_r.append(r_fb)
+        stable_r.append(r_stable)
+        torch_r.extend(r_torch)
+        temps = [row[("temp", n)] for n in ("normjax", "flax", "flax-stable")]
+        if case.op == "layer_norm" and temps[0] is not None:
+            x_bytes = math.prod(case.shape) * jnp.dtype(case.dtype).itemsize
+            ln_temp.append((case.label, temps[0] / x_bytes))
+        cells = [
+            case.label,
+            _fmt(row["copy"]),
+            *(_fmt(row[(n, "fwd")]) for n in IMPLS),
+            *(_fmt(row[(n, "fwd+bwd")]) for n in IMPLS),
+            _fmt(r_fwd),
+            _fmt(r_fb),
+            _fmt(r_stable),
+            _fmt(max(r_torch) if r_torch else None),
+            " / ".join(_fmt(None if t is None else t / 2**20, 1) for t in temps),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    out = [
+        f"Median ms of {reps} interleaved repetitions, jit-compiled; f+b = forward+backward "
+        "(grad of sum(y*g) w.r.t. x and the parameters). Ratios < 1: normjax faster.",
+        "",
+        *lines,
+        "",
+    ]
+    checks = []
+
+    def check(name: str, value: float, limit: float) -> None:
+        ok = value <= limit
+        checks.append(ok)
+        out.append(f"- {name}: {value:.3f} (target <= {limit}) {'PASS' if ok else 'FAIL'}")
+
+    out.append(f"Summary over {len(rows)} cases:")
+    check("worst normjax/flax, forward", max(fwd_r), TARGET_WORST)
+    check("worst normjax/flax, forward+backward", max(fb_r), TARGET_WORST)
+    out.append(f"- geometric mean normjax/flax, forward: {_geomean(fwd_r):.3f}")
+    check("geometric mean normjax/flax, forward+backward", _geomean(fb_r), TARGET_GEOMEAN_FWD_BWD)
+    out.append(
+        f"- normjax/flax-stable forward+backward: worst {max(stable_r):.3f}, "
+        f"geometric mean {_geomean(stable_r):.3f}"
+    )
+    if torch_r:
+        check("worst normjax/torch (forward or forward+backward)", max(torch_r), TARGET_TORCH)
+        out.append(f"- geometric mean normjax/torch: {_geomean(torch_r):.3f}")
+    else:
+        out.append("- PyTorch not installed: no torch comparison")
+    if ln_temp:
+        label, worst = max(ln_temp, key=lambda t: t[1])
+        check(f"layer_norm f+b temp memory / input size (worst: {label})", worst, TARGET_LN_TEMP)
+    return "\n".join(out), all(checks)
+
+
+def select_cases(names: str | None, dtypes: Sequence[str], quick: bool) -> list[Case]:
+    wanted = None if not names else [s.strip() for s in names.split(",") if s.strip()]
+    cases = []
+    for dtype in dtypes:
+        for op, shapes in OP_SHAPES.items():
+            for shape in shapes[:1] if quick else shapes:
+                case = Case(op, shape, dtype)
+                if wanted is None or any(w in case.label for w in wanted):
+                    cases.append(case)
+    return cases
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} x{len(names)}"
+    except OSError:
+        pass
+    versions = f"jax {jax.__version__}, flax {getattr(nn, '__version__', None) or _flax_ver()}"
+    if torch is not None:
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"Machine: {cpu}; {platform.system()}; {jax.default_backend()}; {versions}."
+
+
+def _flax_ver() -> str:
+    import flax
+
+    return flax.__version__
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=15, help="interleaved repetitions (default 15)")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated substrings of case labels, e.g. 'layer_norm,group_norm 32x'",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "all"), default="all")
+    p.add_argument(
+        "--quick", action="store_true", help="5 repetitions, float32, first shape of each op"
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reps = 5 if args.quick else args.reps
+    dtypes = ["float32"] if args.quick and args.dtype == "all" else (
+        ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    )  # fmt: skip
+    cases = select_cases(args.cases, dtypes, args.quick)
+    if not cases:
+        print(f"no case matches --cases={args.cases!r}", file=sys.stderr)
+        return 2
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    rows = run(cases, reps, log)
+    table, ok = report(rows, reps)
+    text = f"{machine_line()}\n\n{table}\n"
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+    return 1 if args.strict and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
