@@ -94,20 +94,30 @@ class Initializer(Protocol):
     """A weight initializer: ``init(key, shape, dtype) -> jax.Array``."""
 
     def __call__(
-        self, key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
+        self, key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = jnp.float32
     ) -> jax.Array: ...
 
 
-def _is_real_number(value: object) -> bool:
+def _as_real(value: object) -> float | None:
+    """Returns ``value`` as a float if it is a real number or a 0-d real array, else None."""
     # bool is an int subclass, but a flag passed as a slope or gain is a bug.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) == () and dtype is not None:
+        if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer):
+            # A tracer raises jax's concretization error here: these must be static.
+            return float(value)  # type: ignore[arg-type]
+    return None
 
 
 def _check_nonnegative(name: str, value: object) -> float:
     """Returns ``value`` as a float after checking it is a finite number >= 0."""
-    if not _is_real_number(value):
+    result = _as_real(value)
+    if result is None:
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value)}.")
-    result = float(value)  # type: ignore[arg-type]
     if not math.isfinite(result) or result < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     return result
@@ -119,7 +129,10 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return value
 
 
-def _check_dtype(dtype: DTypeLike) -> jnp.dtype:
+def _check_dtype(dtype: DTypeLike | None) -> jnp.dtype:
+    if dtype is None:
+        # As in jax: the default float dtype, float64 only when x64 is enabled.
+        return jnp.dtype(jnp.result_type(float))
     try:
         canonical = jnp.dtype(dtype)
     except TypeError as error:
@@ -206,10 +219,10 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
       ``torch.nn.init.calculate_gain``; He et al. (2015), Delving deep into
       rectifiers, for the ReLU family; Klambauer et al. (2017) for SELU.
     """
-    if param is not None and not (_is_real_number(param) and math.isfinite(float(param))):
+    slope = _DEFAULT_LEAKY_RELU_SLOPE if param is None else _as_real(param)
+    if slope is None or not math.isfinite(slope):
         raise ValueError(f"param (negative slope) must be a finite real number, got {param!r}.")
     if nonlinearity == "leaky_relu":
-        slope = _DEFAULT_LEAKY_RELU_SLOPE if param is None else float(param)
         return math.sqrt(2.0 / (1.0 + slope**2))
     if isinstance(nonlinearity, str) and nonlinearity in _FIXED_GAINS:
         return _FIXED_GAINS[nonlinearity]
@@ -295,7 +308,7 @@ def variance_scaling(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
 ) -> Initializer:
     """Builds an initializer with variance ``scale / n``, ``n`` chosen by ``mode``.
 
@@ -317,6 +330,7 @@ def variance_scaling(
       out_axis: output axis or axes of the kernel.
       batch_axis: axis or axes left out of the fans.
       dtype: default floating dtype of the weights; ``init`` may override it.
+        ``None`` means jax's default float (float64 only under x64).
 
     Returns:
       ``init(key, shape, dtype=dtype) -> jax.Array`` of that shape and dtype.
@@ -337,12 +351,12 @@ def variance_scaling(
     distribution = _check_choice("distribution", distribution, _DISTRIBUTIONS)
     for name, axes in (("in_axis", in_axis), ("out_axis", out_axis), ("batch_axis", batch_axis)):
         _check_axes_type(name, axes)
-    default_dtype = _check_dtype(dtype)
+    _check_dtype(dtype)
     sampler = jax.nn.initializers.variance_scaling(
         scale, mode, distribution, in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis
     )
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = default_dtype) -> jax.Array:
+    def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = dtype) -> jax.Array:
         dims = _check_shape(shape)
         dtype = _check_dtype(dtype)
         compute_fans(dims, in_axis, out_axis, batch_axis)
@@ -362,7 +376,7 @@ def xavier_uniform(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
 ) -> Initializer:
     """Builds the Glorot/Xavier uniform initializer: U(-b, b), b = gain*sqrt(6/(fan_in+fan_out)).
 
@@ -393,7 +407,7 @@ def xavier_normal(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
     distribution: NormalDistribution = "normal",
 ) -> Initializer:
     """Builds the Glorot/Xavier normal initializer: std = gain*sqrt(2/(fan_in+fan_out)).
@@ -428,17 +442,16 @@ def xavier_normal(
 
 def _he_gain(nonlinearity: str, negative_slope: float) -> float:
     _check_choice("nonlinearity", nonlinearity, _NONLINEARITIES)
-    if not (_is_real_number(negative_slope) and math.isfinite(float(negative_slope))):
-        raise ValueError(
-            f"negative_slope must be a finite real number, got {negative_slope!r}."
-        )
-    if nonlinearity != "leaky_relu" and negative_slope != 0:
+    slope = _as_real(negative_slope)
+    if slope is None or not math.isfinite(slope):
+        raise ValueError(f"negative_slope must be a finite real number, got {negative_slope!r}.")
+    if nonlinearity != "leaky_relu" and slope != 0:
         # PyTorch silently ignores the slope here; a slope with relu is almost surely a mistake.
         raise ValueError(
             f"negative_slope={negative_slope!r} only applies to nonlinearity='leaky_relu', "
             f"got nonlinearity={nonlinearity!r}."
         )
-    return calculate_gain(nonlinearity, negative_slope)
+    return calculate_gain(nonlinearity, slope)
 
 
 def he_uniform(
@@ -448,7 +461,7 @@ def he_uniform(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
 ) -> Initializer:
     """Builds the He/Kaiming uniform initializer: U(-b, b), b = gain*sqrt(3/fan).
 
@@ -491,7 +504,7 @@ def he_normal(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
     distribution: NormalDistribution = "normal",
 ) -> Initializer:
     """Builds the He/Kaiming normal initializer: std = gain/sqrt(fan).
@@ -531,7 +544,7 @@ def lecun_uniform(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
 ) -> Initializer:
     """Builds the LeCun uniform initializer: U(-b, b), b = sqrt(3/fan_in).
 
@@ -557,7 +570,7 @@ def lecun_normal(
     in_axis: Axes = -2,
     out_axis: Axes = -1,
     batch_axis: Axes = (),
-    dtype: DTypeLike = jnp.float32,
+    dtype: DTypeLike | None = jnp.float32,
     distribution: NormalDistribution = "normal",
 ) -> Initializer:
     """Builds the LeCun normal initializer: std = 1/sqrt(fan_in).
@@ -588,7 +601,7 @@ def lecun_normal(
 
 
 def orthogonal(
-    gain: float = 1.0, column_axis: int = -1, dtype: DTypeLike = jnp.float32
+    gain: float = 1.0, column_axis: int = -1, dtype: DTypeLike | None = jnp.float32
 ) -> Initializer:
     """Builds an initializer of (scaled) random orthogonal matrices.
 
@@ -623,10 +636,10 @@ def orthogonal(
     gain = _check_nonnegative("gain", gain)
     if not isinstance(column_axis, numbers.Integral) or isinstance(column_axis, bool | np.bool_):
         raise TypeError(f"column_axis must be an int, got {column_axis!r}.")
-    default_dtype = _check_dtype(dtype)
+    _check_dtype(dtype)
     sampler = jax.nn.initializers.orthogonal(scale=gain, column_axis=int(column_axis))
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = default_dtype) -> jax.Array:
+    def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike | None = dtype) -> jax.Array:
         dims = _check_shape(shape)
         dtype = _check_dtype(dtype)
         if len(dims) < 2:
