@@ -296,3 +296,22 @@ def conv2d_nhwc_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None
     # windows: (N, H', W', C_in, kh, kw)
     y = np.einsum("nhwcij,ijco->nhwo", windows, kernel)
     return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def normalize_grad(
+    x: np.ndarray, cotangent: np.ndarray, reduce_axes: Axes, epsilon: float
+) -> np.ndarray:
+    """d/dx of sum(cotangent * (x - mean) / sqrt(var + eps)), statistics over `reduce_axes`.
+
+    The closed form of the batch-norm backward pass (Ioffe & Szegedy 2015, Sec. 3):
+    (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps).
+    """
+    x = np.asarray(x, np.float64)
+    g = np.broadcast_to(np.asarray(cotangent, np.float64), x.shape)
+    mean, var, _ = masked_moments(x, reduce_axes, None)
+    axes = canonical_axes(x.ndim, reduce_axes)
+    inv_std = 1.0 / np.sqrt(var + epsilon)
+    x_hat = (x - mean) * inv_std
+    g_mean = g.mean(axis=axes, keepdims=True)
+    gx_mean = (g * x_hat).mean(axis=axes, keepdims=True)
+    return (g - g_mean - x_hat * gx_mean) * inv_std

@@ -1,0 +1,525 @@
+"""batch_norm and batch_renorm against numpy float64 closed forms (tests/reference.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import normjax as nj
+
+RTOL = 2e-5
+ATOL = 2e-5
+
+
+def _close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def _normal(seed: int, shape, loc=0.0, scale=1.0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(loc, scale, shape).astype(dtype)
+
+
+def _assert_names_shapes(excinfo: pytest.ExceptionInfo, *shapes: tuple[int, ...]) -> None:
+    """The message must show the expected and the given shape."""
+    message = str(excinfo.value)
+    for shape in shapes:
+        assert str(tuple(shape)) in message or str(list(shape)) in message, message
+
+
+def _state(mean, var, count) -> nj.BatchNormState:
+    return nj.BatchNormState(
+        jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), jnp.asarray(count, jnp.int32)
+    )
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_initial_state():
+    state = nj.batch_norm_state((3, 4))
+    assert state._fields == ("mean", "var", "count")
+    chex.assert_shape([state.mean, state.var], (3, 4))
+    chex.assert_type([state.mean, state.var], jnp.float32)
+    np.testing.assert_array_equal(state.mean, np.zeros((3, 4)))
+    np.testing.assert_array_equal(state.var, np.ones((3, 4)))
+    chex.assert_shape(state.count, ())
+    chex.assert_type(state.count, jnp.int32)
+    assert int(state.count) == 0
+    chex.assert_shape(nj.batch_norm_state(5).mean, (5,))
+
+
+# ------------------------------------------------------------------ training vs closed form
+
+
+@st.composite
+def _shape_and_feature_axes(draw):
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(2, 4), min_size=ndim, max_size=ndim)))
+    n_features = draw(st.integers(1, ndim - 1))
+    feature_axes = sorted(draw(st.permutations(range(ndim)))[:n_features])
+    negative = draw(st.booleans())
+    axes = [a - ndim if negative else a for a in feature_axes]
+    axis = axes[0] if len(axes) == 1 and draw(st.booleans()) else tuple(axes)
+    return shape, axis, feature_axes
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    case=_shape_and_feature_axes(),
+    with_scale=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_norm_training_and_eval_match_reference(case, with_scale, with_bias, seed):
+    shape, axis, feature_axes = case
+    feature_shape = tuple(shape[a] for a in feature_axes)
+    x = _normal(seed, shape, loc=3.0, scale=2.0)
+    scale = _normal(seed + 1, feature_shape) if with_scale else None
+    bias = _normal(seed + 2, feature_shape) if with_bias else None
+    state = nj.batch_norm_state(feature_shape)
+
+    train = jax.jit(functools.partial(nj.batch_norm, training=True, axis=axis, momentum=0.9))
+    y, new_state = train(x, state, scale, bias)
+    chex.assert_shape(y, shape)
+    chex.assert_type(y, jnp.float32)
+    _close(y, ref.batch_norm_train(x, scale, bias, axis=axis, epsilon=1e-5))
+    mean, var, _ = ref.batch_stats(x, axis=axis)
+    # debias=True: after the first update the state holds that batch's statistics
+    _close(new_state.mean, mean)
+    _close(new_state.var, var)
+    assert int(new_state.count) == 1
+
+    evaluate = jax.jit(functools.partial(nj.batch_norm, training=False, axis=axis))
+    y_eval, eval_state = evaluate(x, new_state, scale, bias)
+    _close(
+        y_eval,
+        ref.batch_norm_eval(x, new_state.mean, new_state.var, scale, bias, axis=axis),
+    )
+    chex.assert_trees_all_equal(eval_state, new_state)
+
+
+def test_nchw_and_nhwc_via_axis():
+    x_nchw = _normal(0, (3, 4, 5, 2), loc=-1.0, scale=3.0)
+    scale, bias = _normal(1, (4,)), _normal(2, (4,))
+    expected = ref.batch_norm_train(x_nchw, scale, bias, axis=1)
+
+    y_nchw, s_nchw = nj.batch_norm(x_nchw, nj.batch_norm_state(4), scale, bias, training=True,
+                                   axis=1)
+    _close(y_nchw, expected)
+
+    x_nhwc = np.transpose(x_nchw, (0, 2, 3, 1))
+    y_nhwc, s_nhwc = nj.batch_norm(x_nhwc, nj.batch_norm_state(4), scale, bias, training=True,
+                                   axis=-1)
+    _close(y_nhwc, np.transpose(expected, (0, 2, 3, 1)))
+    mean, var, _ = ref.batch_stats(x_nchw, axis=1)
+    for s in (s_nchw, s_nhwc):
+        _close(s.mean, mean)
+        _close(s.var, var)
+
+
+def test_multiple_feature_axes():
+    x = _normal(3, (4, 3, 5, 2), loc=2.0)
+    scale, bias = _normal(4, (3, 2)), _normal(5, (3, 2))
+    y, state = nj.batch_norm(x, nj.batch_norm_state((3, 2)), scale, bias, training=True,
+                             axis=(1, 3))
+    _close(y, ref.batch_norm_train(x, scale, bias, axis=(1, 3)))
+    mean, var, _ = ref.batch_stats(x, axis=(1, 3))
+    chex.assert_shape([state.mean, state.var], (3, 2))
+    _close(state.mean, mean)
+    _close(state.var, var)
+
+
+def test_training_with_custom_epsilon():
+    x = _normal(6, (5, 3), scale=0.01)
+    y, _ = nj.batch_norm(x, nj.batch_norm_state(3), training=True, epsilon=1e-3)
+    _close(y, ref.batch_norm_train(x, epsilon=1e-3))
+
+
+# ---------------------------------------------------------------------- running statistics
+
+
+def _batches(num_steps: int, seed: int = 0) -> np.ndarray:
+    # a drifting mean and spread make every step's weight visible in the result
+    rng = np.random.default_rng(seed)
+    steps = np.arange(num_steps, dtype=np.float64)[:, None, None]
+    noise = rng.normal(size=(num_steps, 6, 3))
+    return (np.sin(steps / 7.0) * 3.0 + (1.0 + 0.5 * np.cos(steps / 5.0)) * noise).astype(
+        np.float32
+    )
+
+
+def _train_states(xs: np.ndarray, **kwargs) -> nj.BatchNormState:
+    """Every intermediate state of len(xs) training steps, stacked along axis 0."""
+
+    def step(state, x):
+        _, state = nj.batch_norm(x, state, training=True, **kwargs)
+        return state, state
+
+    _, states = jax.jit(lambda xs: jax.lax.scan(step, nj.batch_norm_state(3), xs))(xs)
+    return states
+
+
+@pytest.mark.parametrize(
+    "momentum, debias, unbiased",
+    [
+        (0.9, True, False),
+        (0.99, True, False),
+        (0.9, False, False),
+        (0.99, False, False),
+        (None, True, False),
+        (0.9, True, True),
+        (0.99, False, True),
+        (None, True, True),
+    ],
+)
+def test_running_statistics_closed_form_after_1_10_100_steps(momentum, debias, unbiased):
+    xs = _batches(100)
+    states = _train_states(xs, momentum=momentum, debias=debias, unbiased_running_var=unbiased)
+    stats = [ref.batch_stats(x) for x in xs]
+    batch_means = [s[0] for s in stats]
+    n = xs.shape[1]
+    batch_vars = [s[1] * (n / (n - 1) if unbiased else 1.0) for s in stats]
+    for t in (1, 10, 100):
+        expected_mean = ref.running_average(batch_means[:t], momentum, debias=debias, initial=0.0)
+        expected_var = ref.running_average(batch_vars[:t], momentum, debias=debias, initial=1.0)
+        _close(states.mean[t - 1], expected_mean, rtol=1e-5, atol=1e-6)
+        _close(states.var[t - 1], expected_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(states.count, np.arange(1, 101))
+
+
+def test_unbiased_running_var_does_not_change_the_normalization():
+    x = _normal(7, (4, 3), loc=1.0)
+    y, state = nj.batch_norm(x, nj.batch_norm_state(3), training=True, unbiased_running_var=True)
+    _close(y, ref.batch_norm_train(x))
+    _, var, _ = ref.batch_stats(x)
+    _close(state.var, var * 4 / 3)
+
+
+def test_eval_right_after_one_debiased_step_uses_that_steps_statistics():
+    x = _normal(8, (6, 2, 3), loc=5.0, scale=4.0)
+    scale, bias = _normal(9, (3,)), _normal(10, (3,))
+    y_train, state = nj.batch_norm(x, nj.batch_norm_state(3), scale, bias, training=True,
+                                   momentum=0.99)
+    y_eval, _ = nj.batch_norm(x, state, scale, bias, training=False)
+    _close(y_eval, np.asarray(y_train, np.float64), rtol=1e-5, atol=1e-5)
+    _close(y_eval, ref.batch_norm_train(x, scale, bias))
+
+
+def test_eval_leaves_state_unchanged_and_uses_it():
+    state = _state([1.0, -2.0, 0.5], [4.0, 0.25, 1.0], 7)
+    x = _normal(11, (5, 3))
+    scale, bias = _normal(12, (3,)), _normal(13, (3,))
+    y, same = nj.batch_norm(x, state, scale, bias, training=False, momentum=0.5)
+    chex.assert_trees_all_equal(same, state)
+    _close(y, ref.batch_norm_eval(x, state.mean, state.var, scale, bias))
+    # a single example is fine in evaluation
+    y1, _ = nj.batch_norm(x[:1], state, scale, bias, training=False)
+    _close(y1, ref.batch_norm_eval(x[:1], state.mean, state.var, scale, bias))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_batch_keeps_state_and_count(bad):
+    state = _train_states(_batches(3))
+    state = jax.tree.map(lambda a: a[-1], state)
+    x = _normal(14, (4, 3))
+    x[2, 1] = bad
+    y, new_state = nj.batch_norm(x, state, training=True)
+    chex.assert_trees_all_equal(new_state, state)
+    # nothing hidden: the poisoned feature shows NaN, the others are normalized
+    assert np.isnan(np.asarray(y)[:, 1]).all()
+    clean = np.delete(x, 1, axis=1)
+    _close(np.delete(np.asarray(y), 1, axis=1), ref.batch_norm_train(clean))
+
+
+def test_non_finite_batch_updates_state_when_skip_disabled():
+    x = _normal(15, (4, 3))
+    x[0, 0] = np.nan
+    _, state = nj.batch_norm(x, nj.batch_norm_state(3), training=True, skip_nonfinite=False)
+    assert int(state.count) == 1
+    assert np.isnan(np.asarray(state.mean)[0])
+
+
+def test_count_rises_by_one_per_training_call():
+    state = nj.batch_norm_state(3)
+    counts = []
+    for i, training in enumerate([True, False, True, True, False]):
+        _, state = nj.batch_norm(_normal(20 + i, (4, 3)), state, training=training)
+        counts.append(int(state.count))
+    assert counts == [1, 1, 2, 3, 3]
+
+
+# -------------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("mask_shape", [(8, 3), (8, 1), (8, 2, 3)])
+@pytest.mark.parametrize("fill", [None, np.nan, 1e30])
+def test_mask_statistics_ignore_masked_values(mask_shape, fill):
+    x = _normal(30, (8, 2, 3), loc=1.0, scale=2.0)
+    rng = np.random.default_rng(31)
+    if len(mask_shape) == 2:
+        mask = rng.random(mask_shape) < 0.6
+        mask[:2] = True  # at least two valid rows for every feature
+        mask = mask[:, None, :]
+    else:
+        mask = rng.random(mask_shape) < 0.6
+        mask[:2] = True
+    scale, bias = _normal(32, (3,)), _normal(33, (3,))
+    filled = x.copy()
+    full_mask = np.broadcast_to(mask, x.shape)
+    if fill is not None:
+        filled[~full_mask] = fill
+
+    y, state = nj.batch_norm(filled, nj.batch_norm_state(3), scale, bias, training=True,
+                             mask=mask, unbiased_running_var=True)
+    expected = ref.batch_norm_train(x, scale, bias, mask=mask)
+    y = np.asarray(y, np.float64)
+    _close(y[full_mask], expected[full_mask])
+    # the output is computed at masked positions too, from the masked statistics
+    expected_filled = ref.batch_norm_train(filled, scale, bias, mask=mask)
+    if fill is None or np.isfinite(fill):
+        _close(y[~full_mask], expected_filled[~full_mask], rtol=1e-5, atol=1e-5)
+    mean, var, count = ref.batch_stats(x, mask=mask)
+    _close(state.mean, mean)
+    _close(state.var, var * count / (count - 1))
+    assert int(state.count) == 1
+
+
+def test_eval_with_mask_normalizes_every_entry():
+    state = _state([1.0, 2.0], [2.0, 3.0], 4)
+    x = _normal(34, (3, 2))
+    mask = np.array([True, False, True])[:, None]
+    y, same = nj.batch_norm(x, state, training=False, mask=mask)
+    _close(y, ref.batch_norm_eval(x, state.mean, state.var))
+    chex.assert_trees_all_equal(same, state)
+
+
+# --------------------------------------------------------------------------- batch renorm
+
+
+def test_renorm_with_unit_r_max_and_zero_d_max_is_batch_norm():
+    state = _state([0.3, -4.0, 2.0], [0.1, 9.0, 1.5], 3)
+    x = _normal(40, (6, 2, 3), loc=1.0, scale=2.0)
+    scale, bias = _normal(41, (3,)), _normal(42, (3,))
+    kwargs = dict(training=True, momentum=0.9)
+    y_bn, s_bn = nj.batch_norm(x, state, scale, bias, **kwargs)
+    y_rn, s_rn = nj.batch_renorm(x, state, scale, bias, r_max=1.0, d_max=0.0, **kwargs)
+    _close(y_rn, np.asarray(y_bn, np.float64), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(s_rn, s_bn, rtol=1e-6, atol=1e-7)
+    _close(y_rn, ref.batch_norm_train(x, scale, bias))
+
+
+@pytest.mark.parametrize(
+    "running_mean, running_var",
+    [
+        ([1.1, 0.9, 1.0], [4.2, 3.5, 4.0]),  # close to the batch: no clipping
+        ([-30.0, 40.0, 1.0], [0.01, 1e4, 4.0]),  # far: r and d clip
+    ],
+)
+@pytest.mark.parametrize("r_max, d_max", [(3.0, 5.0), (1.5, 0.5)])
+def test_renorm_matches_ioffe_2017(running_mean, running_var, r_max, d_max):
+    state = _state(running_mean, running_var, 5)
+    x = _normal(43, (2, 3, 8), loc=1.0, scale=2.0)  # NCL layout, features on axis 1
+    scale, bias = _normal(44, (3,)), _normal(45, (3,))
+    m = 0.9
+    y, new_state = nj.batch_renorm(x, state, scale, bias, training=True, r_max=r_max,
+                                   d_max=d_max, axis=1, momentum=m)
+    expected = ref.batch_renorm_train(x, state.mean, state.var, scale, bias, r_max=r_max,
+                                      d_max=d_max, axis=1)
+    _close(y, expected, rtol=1e-5, atol=1e-4)
+    # running update: the 6th debiased update, w = (1 - m) / (1 - m^6)
+    mean, var, _ = ref.batch_stats(x, axis=1)
+    w = (1 - m) / (1 - m**6)
+    _close(new_state.mean, np.asarray(state.mean, np.float64) * (1 - w) + w * mean)
+    _close(new_state.var, np.asarray(state.var, np.float64) * (1 - w) + w * var, rtol=1e-5)
+    assert int(new_state.count) == 6
+
+    y_eval, same = nj.batch_renorm(x, state, scale, bias, training=False, axis=1)
+    chex.assert_trees_all_equal(same, state)
+    _close(y_eval, ref.batch_norm_eval(x, state.mean, state.var, scale, bias, axis=1),
+           rtol=1e-5, atol=1e-3)
+
+
+def test_renorm_masked_statistics_ignore_nan():
+    state = _state([0.5, 0.5, 0.5], [2.0, 2.0, 2.0], 2)
+    x = _normal(46, (6, 3))
+    mask = np.array([True, True, False, True, False, True])[:, None]
+    filled = np.where(mask, x, np.nan).astype(np.float32)
+    y, new_state = nj.batch_renorm(filled, state, training=True, mask=mask)
+    expected = ref.batch_renorm_train(x, state.mean, state.var, r_max=3.0, d_max=5.0, mask=mask)
+    _close(np.asarray(y)[mask[:, 0]], expected[mask[:, 0]])
+    assert int(new_state.count) == 3
+
+
+# -------------------------------------------------------------------------- jit, vmap, grad
+
+
+def test_jit_matches_reference():
+    x = _normal(50, (3, 4, 2), loc=2.0)
+    step = jax.jit(functools.partial(nj.batch_norm, training=True, axis=1, momentum=0.8))
+    y, state = step(x, nj.batch_norm_state(4))
+    _close(y, ref.batch_norm_train(x, axis=1))
+    _close(state.mean, ref.batch_stats(x, axis=1)[0])
+
+
+def test_vmap_over_independent_batches():
+    xs = _normal(51, (5, 4, 3), loc=1.0)
+    states = jax.vmap(lambda _: nj.batch_norm_state(3))(jnp.arange(5))
+    ys, new_states = jax.vmap(functools.partial(nj.batch_norm, training=True))(xs, states)
+    for i in range(5):
+        _close(ys[i], ref.batch_norm_train(xs[i]))
+        _close(new_states.mean[i], ref.batch_stats(xs[i])[0])
+    np.testing.assert_array_equal(new_states.count, np.ones(5))
+
+
+def test_grad_matches_closed_form_backward():
+    x = _normal(52, (6, 3), loc=1.0, scale=2.0)
+    scale, bias = _normal(53, (3,)), _normal(54, (3,))
+    cot = _normal(55, (6, 3))
+
+    def loss(x, scale, bias):
+        y, _ = nj.batch_norm(x, nj.batch_norm_state(3), scale, bias, training=True)
+        return jnp.sum(y * cot)
+
+    gx, gscale, gbias = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+    x_hat = ref.batch_norm_train(x)
+    _close(gx, ref.normalize_grad(x, cot * scale.astype(np.float64), 0, 1e-5), atol=1e-4)
+    _close(gscale, (cot * x_hat).sum(0), atol=1e-4)
+    _close(gbias, cot.astype(np.float64).sum(0), atol=1e-5)
+
+
+def test_check_grads_batch_norm_float64():
+    with jax.enable_x64(True):
+        x = jnp.asarray(_normal(56, (5, 2, 3), dtype=np.float64))
+        scale = jnp.asarray(_normal(57, (2,), dtype=np.float64))
+        bias = jnp.asarray(_normal(58, (2,), dtype=np.float64))
+        state = nj.batch_norm_state(2, jnp.float64)
+
+        def train(x, scale, bias):
+            y, new_state = nj.batch_norm(x, state, scale, bias, training=True, axis=1)
+            return y, new_state.mean, new_state.var
+
+        check_grads(jax.jit(train), (x, scale, bias), order=2, modes=("fwd", "rev"))
+
+        def evaluate(x, scale, bias):
+            return nj.batch_norm(x, state, scale, bias, training=False, axis=1)[0]
+
+        check_grads(jax.jit(evaluate), (x, scale, bias), order=1, modes=("fwd", "rev"))
+
+
+def test_check_grads_batch_renorm_float64():
+    with jax.enable_x64(True):
+        x = jnp.asarray(_normal(59, (6, 3), dtype=np.float64))
+        scale = jnp.asarray(_normal(60, (3,), dtype=np.float64))
+        bias = jnp.asarray(_normal(61, (3,), dtype=np.float64))
+        # r and d are stop_gradient constants; finite differences agree only where they
+        # are locally constant, i.e. clipped: running var far off, running mean far off
+        state = nj.BatchNormState(
+            jnp.array([50.0, -500.0, 40.0]), jnp.array([1e-3, 1e3, 1e-3]), jnp.array(4, jnp.int32)
+        )
+
+        def train(x, scale, bias):
+            return nj.batch_renorm(x, state, scale, bias, training=True)[0]
+
+        check_grads(jax.jit(train), (x, scale, bias), order=1, modes=("fwd", "rev"))
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_integer_input_is_a_type_error():
+    with pytest.raises(TypeError, match="int32"):
+        nj.batch_norm(jnp.ones((4, 3), jnp.int32), nj.batch_norm_state(3), training=True)
+    with pytest.raises(TypeError, match="int32"):
+        nj.batch_renorm(jnp.ones((4, 3), jnp.int32), nj.batch_norm_state(3), training=True)
+
+
+@pytest.mark.parametrize("axis", [2, -3, (0, 5)])
+def test_axis_out_of_range(axis):
+    with pytest.raises(ValueError, match="axis"):
+        nj.batch_norm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True, axis=axis)
+
+
+def test_state_shape_mismatch_names_shapes():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="state") as excinfo:
+        nj.batch_norm(x, nj.batch_norm_state(5), training=True)
+    _assert_names_shapes(excinfo, (3,), (5,))
+    with pytest.raises(ValueError, match="state"):
+        nj.batch_renorm(x, nj.batch_norm_state(5), training=False)
+
+
+@pytest.mark.parametrize("name", ["scale", "bias"])
+def test_scale_or_bias_shape_mismatch_names_shapes(name):
+    x = jnp.ones((4, 3, 2))
+    kwargs = {name: jnp.ones((2,))}
+    with pytest.raises(ValueError, match=name) as excinfo:
+        nj.batch_norm(x, nj.batch_norm_state(3), training=True, axis=1, **kwargs)
+    _assert_names_shapes(excinfo, (3,), (2,))
+    with pytest.raises(ValueError, match=name):
+        nj.batch_renorm(x, nj.batch_norm_state(3), training=True, axis=1, **kwargs)
+
+
+def test_mask_not_broadcastable_names_shapes():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match="mask") as excinfo:
+        nj.batch_norm(x, nj.batch_norm_state(3), training=True, mask=jnp.ones((4, 2), bool))
+    _assert_names_shapes(excinfo, (4, 3), (4, 2))
+
+
+@pytest.mark.parametrize("momentum", [1.0, 1.5, -0.1])
+def test_momentum_out_of_range(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        nj.batch_norm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True, momentum=momentum)
+    with pytest.raises(ValueError, match="momentum"):
+        nj.batch_renorm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True,
+                        momentum=momentum)
+
+
+def test_momentum_zero_is_allowed_and_takes_the_batch():
+    x = _normal(62, (4, 3))
+    _, state = nj.batch_norm(x, nj.batch_norm_state(3), training=True, momentum=0.0,
+                             debias=False)
+    _close(state.mean, ref.batch_stats(x)[0])
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1e-5])
+def test_epsilon_not_positive(epsilon):
+    with pytest.raises(ValueError, match="epsilon"):
+        nj.batch_norm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True, epsilon=epsilon)
+    with pytest.raises(ValueError, match="epsilon"):
+        nj.batch_renorm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True,
+                        epsilon=epsilon)
+
+
+def test_batch_of_one_in_training():
+    with pytest.raises(ValueError):
+        nj.batch_norm(jnp.ones((1, 3)), nj.batch_norm_state(3), training=True)
+    with pytest.raises(ValueError):
+        nj.batch_renorm(jnp.ones((1, 3)), nj.batch_norm_state(3), training=True)
+    # a batch of one image still has spatial values per channel
+    x = _normal(63, (1, 4, 4, 3))
+    y, _ = nj.batch_norm(x, nj.batch_norm_state(3), training=True)
+    _close(y, ref.batch_norm_train(x))
+
+
+def test_errors_fire_under_jit():
+    state = nj.batch_norm_state(3)
+    with pytest.raises(ValueError, match="momentum"):
+        jax.jit(lambda x: nj.batch_norm(x, state, training=True, momentum=1.0))(jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="mask"):
+        jax.jit(lambda x, m: nj.batch_norm(x, state, training=True, mask=m))(
+            jnp.ones((4, 3)), jnp.ones((5, 3), bool)
+        )
+    with pytest.raises(ValueError, match="state"):
+        jax.jit(lambda x: nj.batch_norm(x, nj.batch_norm_state(4), training=True))(
+            jnp.ones((4, 3))
+        )

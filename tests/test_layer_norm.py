@@ -1,0 +1,414 @@
+"""layer_norm, rms_norm, group_norm and instance_norm against float64 closed forms and Flax."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import normjax as nj
+
+RTOL = 2e-5
+ATOL = 2e-5
+
+
+def _close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def _normal(seed: int, shape, loc=0.0, scale=1.0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(loc, scale, shape).astype(dtype)
+
+
+def _assert_names_shapes(excinfo: pytest.ExceptionInfo, *shapes: tuple[int, ...]) -> None:
+    message = str(excinfo.value)
+    for shape in shapes:
+        assert str(tuple(shape)) in message or str(list(shape)) in message, message
+
+
+@st.composite
+def _shape_and_axes(draw):
+    """A shape, non-empty reduction axes and non-empty feature axes (ints or tuples)."""
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(2, 4), min_size=ndim, max_size=ndim)))
+
+    def axes_subset(min_size):
+        chosen = sorted(draw(st.permutations(range(ndim)))[: draw(st.integers(min_size, ndim - 1))])
+        if draw(st.booleans()):
+            chosen = [a - ndim for a in chosen]
+        return chosen[0] if len(chosen) == 1 and draw(st.booleans()) else tuple(chosen)
+
+    reduction_axes = axes_subset(1)
+    feature_axes = axes_subset(1)
+    return shape, reduction_axes, feature_axes
+
+
+def _feature_shape(shape, feature_axes):
+    return tuple(shape[a] for a in ref.canonical_axes(len(shape), feature_axes))
+
+
+# Jitted once per shape: far cheaper than op-by-op dispatch over many hypothesis shapes.
+_layer_norm = jax.jit(nj.layer_norm, static_argnames=("reduction_axes", "feature_axes"))
+_rms_norm = jax.jit(nj.rms_norm, static_argnames=("reduction_axes", "feature_axes"))
+_group_norm = jax.jit(nj.group_norm, static_argnames=("num_groups", "group_size"))
+_instance_norm = jax.jit(nj.instance_norm, static_argnames=("feature_axes",))
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=_shape_and_axes(), with_affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_norm_matches_reference(case, with_affine, seed):
+    shape, reduction_axes, feature_axes = case
+    x = _normal(seed, shape, loc=2.0, scale=3.0)
+    fshape = _feature_shape(shape, feature_axes)
+    scale = _normal(seed + 1, fshape) if with_affine else None
+    bias = _normal(seed + 2, fshape) if with_affine else None
+    y = _layer_norm(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes)
+    chex.assert_shape(y, shape)
+    chex.assert_type(y, jnp.float32)
+    expected = ref.layer_norm(x, scale, bias, reduction_axes=reduction_axes,
+                              feature_axes=feature_axes)
+    _close(y, expected)
+
+
+def test_layer_norm_default_epsilon_is_flax():
+    # variance 1e-6 is the size of the default epsilon: a different default shows
+    x = _normal(0, (3, 8), scale=1e-3)
+    _close(nj.layer_norm(x), ref.layer_norm(x, epsilon=1e-6), rtol=1e-4, atol=1e-5)
+    _close(nj.layer_norm(x, epsilon=1e-3), ref.layer_norm(x, epsilon=1e-3))
+
+
+def test_layer_norm_matches_flax_layer():
+    x = _normal(1, (2, 3, 4, 6), loc=1.0)
+    module = nn.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=(2, 3), use_fast_variance=False)
+    params = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)
+    expected = np.asarray(module.apply(params, x), np.float64)
+    p = params["params"]
+    y = nj.layer_norm(x, p["scale"], p["bias"], reduction_axes=(1, 2, 3), feature_axes=(2, 3))
+    _close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fill", [None, np.nan, 1e30])
+def test_layer_norm_mask(fill):
+    x = _normal(2, (4, 7), loc=1.0, scale=2.0)
+    mask = np.random.default_rng(3).random((4, 7)) < 0.6
+    mask[:, :2] = True
+    scale, bias = _normal(4, (7,)), _normal(5, (7,))
+    filled = np.where(mask, x, x if fill is None else fill).astype(np.float32)
+    y = np.asarray(nj.layer_norm(filled, scale, bias, mask=mask), np.float64)
+    _close(y[mask], ref.layer_norm(x, scale, bias, mask=mask)[mask])
+    if fill is None or np.isfinite(fill):
+        _close(y[~mask], ref.layer_norm(filled, scale, bias, mask=mask)[~mask], rtol=1e-5)
+
+
+def test_layer_norm_jit_vmap():
+    x = _normal(6, (5, 3, 4), loc=-1.0)
+    scale = _normal(7, (4,))
+    expected = ref.layer_norm(x, scale)
+    _close(jax.jit(nj.layer_norm)(x, scale), expected)
+    per_example = jax.vmap(nj.layer_norm, in_axes=(0, None))(x, scale)
+    _close(per_example, expected)
+    # vmapping over the last axis: reduction_axes=-1 then refers to the per-example last axis
+    swapped = jax.vmap(functools.partial(nj.layer_norm, reduction_axes=-1), in_axes=2,
+                       out_axes=2)(x)
+    _close(swapped, ref.layer_norm(np.moveaxis(x, 2, 0)).transpose(1, 2, 0))
+
+
+def test_layer_norm_grad_matches_closed_form():
+    x = _normal(8, (3, 6), loc=1.0, scale=2.0)
+    scale = _normal(9, (6,))
+    cot = _normal(10, (3, 6))
+    gx = jax.grad(lambda x: jnp.sum(nj.layer_norm(x, scale) * cot))(x)
+    _close(gx, ref.normalize_grad(x, cot * scale.astype(np.float64), -1, 1e-6), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- rms norm
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=_shape_and_axes(), with_scale=st.booleans(), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_reference(case, with_scale, seed):
+    shape, reduction_axes, feature_axes = case
+    x = _normal(seed, shape, loc=1.0, scale=3.0)
+    scale = _normal(seed + 1, _feature_shape(shape, feature_axes)) if with_scale else None
+    y = _rms_norm(x, scale, reduction_axes=reduction_axes, feature_axes=feature_axes)
+    chex.assert_shape(y, shape)
+    expected = ref.rms_norm(x, scale, reduction_axes=reduction_axes, feature_axes=feature_axes)
+    _close(y, expected)
+
+
+def test_rms_norm_matches_flax_layer():
+    x = _normal(11, (3, 5), loc=0.5, scale=1e-3)  # mean square near the default epsilon
+    module = nn.RMSNorm()
+    params = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)
+    y = nj.rms_norm(x, params["params"]["scale"])
+    _close(y, np.asarray(module.apply(params, x), np.float64), rtol=1e-5, atol=1e-5)
+    _close(y, ref.rms_norm(x, params["params"]["scale"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fill", [np.nan, 1e30])
+def test_rms_norm_mask(fill):
+    x = _normal(12, (3, 2, 5), loc=1.0)
+    mask = np.random.default_rng(13).random((3, 1, 5)) < 0.5
+    mask[..., 0] = True
+    full = np.broadcast_to(mask, x.shape)
+    filled = np.where(full, x, fill).astype(np.float32)
+    y = np.asarray(nj.rms_norm(filled, reduction_axes=(1, 2), feature_axes=-1, mask=mask))
+    _close(y[full], ref.rms_norm(x, reduction_axes=(1, 2), mask=mask)[full])
+
+
+# ----------------------------------------------------------------------------- group norm
+
+
+@st.composite
+def _group_case(draw):
+    ndim = draw(st.integers(2, 4))
+    groups = draw(st.integers(1, 3))
+    size = draw(st.integers(1, 3))
+    spatial = tuple(draw(st.lists(st.integers(2, 3), min_size=ndim - 2, max_size=ndim - 2)))
+    shape = (draw(st.integers(1, 3)),) + spatial + (groups * size,)
+    if groups * size == 1 and not spatial:
+        shape = shape[:-1] + (2,)
+        groups, size = 1, 2
+    by_size = draw(st.booleans())
+    return shape, groups, size, by_size
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=_group_case(), with_affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_group_norm_matches_reference(case, with_affine, seed):
+    shape, groups, size, by_size = case
+    x = _normal(seed, shape, loc=-2.0, scale=2.0)
+    scale = _normal(seed + 1, shape[-1:]) if with_affine else None
+    bias = _normal(seed + 2, shape[-1:]) if with_affine else None
+    if by_size:
+        y = _group_norm(x, scale, bias, num_groups=None, group_size=size)
+    else:
+        y = _group_norm(x, scale, bias, num_groups=groups)
+    chex.assert_shape(y, shape)
+    _close(y, ref.group_norm(x, scale, bias, num_groups=groups))
+
+
+def test_group_norm_default_32_groups_and_flax_agreement():
+    x = _normal(14, (2, 3, 3, 64), loc=1.0)
+    module = nn.GroupNorm(use_fast_variance=False)
+    params = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)
+    p = params["params"]
+    y = nj.group_norm(x, p["scale"], p["bias"])
+    _close(y, ref.group_norm(x, p["scale"], p["bias"], num_groups=32))
+    _close(y, np.asarray(module.apply(params, x), np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_explicit_reduction_axes():
+    x = _normal(15, (2, 3, 4, 6), loc=1.0)  # two leading batch axes
+    y = nj.group_norm(x, num_groups=2, reduction_axes=(2, 3))
+    _close(y, ref.group_norm(x, num_groups=2, reduction_axes=(2, 3)))
+
+
+@pytest.mark.parametrize("fill", [np.nan, 1e30])
+def test_group_norm_mask(fill):
+    x = _normal(16, (2, 5, 4), loc=1.0)
+    mask = np.random.default_rng(17).random((2, 5, 1)) < 0.5
+    mask[:, :2] = True
+    full = np.broadcast_to(mask, x.shape)
+    filled = np.where(full, x, fill).astype(np.float32)
+    y = np.asarray(nj.group_norm(filled, num_groups=2, mask=mask))
+    _close(y[full], ref.group_norm(x, num_groups=2, mask=mask)[full])
+
+
+# -------------------------------------------------------------------------- instance norm
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.lists(st.integers(2, 4), min_size=3, max_size=4).map(tuple),
+    two_feature_axes=st.booleans(),
+    with_affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_instance_norm_matches_reference(shape, two_feature_axes, with_affine, seed):
+    feature_axes = (1, -1) if two_feature_axes and len(shape) == 4 else -1
+    x = _normal(seed, shape, loc=3.0, scale=0.5)
+    fshape = _feature_shape(shape, feature_axes)
+    scale = _normal(seed + 1, fshape) if with_affine else None
+    bias = _normal(seed + 2, fshape) if with_affine else None
+    y = _instance_norm(x, scale, bias, feature_axes=feature_axes)
+    _close(y, ref.instance_norm(x, scale, bias, feature_axes=feature_axes))
+
+
+def test_instance_norm_matches_flax_layer():
+    x = _normal(18, (2, 4, 3, 5), loc=1.0)
+    module = nn.InstanceNorm(use_fast_variance=False)
+    params = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)
+    p = params["params"]
+    y = nj.instance_norm(x, p["scale"], p["bias"])
+    _close(y, np.asarray(module.apply(params, x), np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fill", [np.nan, 1e30])
+def test_instance_norm_mask(fill):
+    x = _normal(19, (2, 6, 3), loc=1.0)
+    mask = np.random.default_rng(20).random((2, 6, 3)) < 0.6
+    mask[:, :2] = True
+    filled = np.where(mask, x, fill).astype(np.float32)
+    y = np.asarray(nj.instance_norm(filled, mask=mask))
+    _close(y[mask], ref.instance_norm(x, mask=mask)[mask])
+
+
+# --------------------------------------------------------------------------- equivalences
+
+
+def test_layer_norm_over_hwc_is_group_norm_with_one_group():
+    x = _normal(21, (2, 3, 4, 6), loc=1.0, scale=2.0)
+    scale, bias = _normal(22, (6,)), _normal(23, (6,))
+    ln = nj.layer_norm(x, scale, bias, reduction_axes=(1, 2, 3), feature_axes=-1)
+    gn = nj.group_norm(x, scale, bias, num_groups=1)
+    _close(ln, np.asarray(gn, np.float64), rtol=1e-5, atol=1e-5)
+    _close(gn, ref.layer_norm(x, scale, bias, reduction_axes=(1, 2, 3)))
+
+
+def test_instance_norm_is_group_norm_with_group_size_one_and_spatial_layer_norm():
+    x = _normal(24, (2, 3, 4, 6), loc=1.0, scale=2.0)
+    scale, bias = _normal(25, (6,)), _normal(26, (6,))
+    inn = np.asarray(nj.instance_norm(x, scale, bias), np.float64)
+    gn = nj.group_norm(x, scale, bias, num_groups=None, group_size=1)
+    ln = nj.layer_norm(x, scale, bias, reduction_axes=(1, 2), feature_axes=-1)
+    _close(gn, inn, rtol=1e-5, atol=1e-5)
+    _close(ln, inn, rtol=1e-5, atol=1e-5)
+    _close(inn, ref.instance_norm(x, scale, bias))
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _check_float64(fn, shapes, seed, order=1):
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(_normal(seed + i, s, dtype=np.float64)) for i, s in
+                     enumerate(shapes))
+        check_grads(jax.jit(fn), args, order=order, modes=("fwd", "rev"))
+
+
+def test_check_grads_layer_norm():
+    _check_float64(
+        lambda x, s, b: nj.layer_norm(x, s, b, reduction_axes=(1, 2), feature_axes=-1),
+        [(2, 3, 4), (4,), (4,)],
+        30,
+        order=2,
+    )
+
+
+def test_check_grads_rms_norm():
+    _check_float64(lambda x, s: nj.rms_norm(x, s), [(3, 5), (5,)], 31)
+
+
+def test_check_grads_group_norm():
+    _check_float64(lambda x, s, b: nj.group_norm(x, s, b, num_groups=2), [(2, 3, 4), (4,), (4,)],
+                   32)
+
+
+def test_check_grads_instance_norm():
+    _check_float64(lambda x, s, b: nj.instance_norm(x, s, b), [(2, 4, 3), (3,), (3,)], 33)
+
+
+def test_check_grads_masked_layer_norm():
+    mask = np.array([[True, True, False, True], [True, False, True, True]])
+    _check_float64(lambda x: nj.layer_norm(x, mask=mask), [(2, 4)], 34)
+
+
+# --------------------------------------------------------------------------------- errors
+
+_OPS = {
+    "layer_norm": nj.layer_norm,
+    "rms_norm": nj.rms_norm,
+    "group_norm": functools.partial(nj.group_norm, num_groups=2),
+    "instance_norm": nj.instance_norm,
+}
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_integer_input_is_a_type_error(op):
+    with pytest.raises(TypeError, match="int32"):
+        _OPS[op](jnp.ones((2, 3, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+@pytest.mark.parametrize("epsilon", [0.0, -1.0])
+def test_epsilon_not_positive(op, epsilon):
+    with pytest.raises(ValueError, match="epsilon"):
+        _OPS[op](jnp.ones((2, 3, 4)), epsilon=epsilon)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_scale_shape_mismatch_names_shapes(op):
+    with pytest.raises(ValueError, match="scale") as excinfo:
+        _OPS[op](jnp.ones((2, 3, 4)), jnp.ones((3,)))
+    _assert_names_shapes(excinfo, (4,), (3,))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "group_norm", "instance_norm"])
+def test_bias_shape_mismatch_names_shapes(op):
+    with pytest.raises(ValueError, match="bias") as excinfo:
+        _OPS[op](jnp.ones((2, 3, 4)), None, jnp.ones((5,)))
+    _assert_names_shapes(excinfo, (4,), (5,))
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_mask_not_broadcastable_names_shapes(op):
+    with pytest.raises(ValueError, match="mask") as excinfo:
+        _OPS[op](jnp.ones((2, 3, 4)), mask=jnp.ones((2, 3, 3), bool))
+    _assert_names_shapes(excinfo, (2, 3, 4), (2, 3, 3))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("argument", ["reduction_axes", "feature_axes"])
+def test_axes_out_of_range(op, argument):
+    with pytest.raises(ValueError, match=argument):
+        _OPS[op](jnp.ones((2, 3)), **{argument: 2})
+    with pytest.raises(ValueError, match=argument):
+        _OPS[op](jnp.ones((2, 3)), **{argument: (0, -3)})
+
+
+def test_instance_norm_feature_axes_out_of_range():
+    with pytest.raises(ValueError, match="feature_axes"):
+        nj.instance_norm(jnp.ones((2, 3, 4)), feature_axes=3)
+
+
+def test_group_norm_reduction_axes_out_of_range():
+    with pytest.raises(ValueError, match="reduction_axes"):
+        nj.group_norm(jnp.ones((2, 3, 4)), num_groups=2, reduction_axes=(1, 3))
+
+
+def test_group_norm_group_arguments():
+    x = jnp.ones((2, 3, 6))
+    with pytest.raises(ValueError, match="num_groups"):
+        nj.group_norm(x, num_groups=4)
+    with pytest.raises(ValueError, match="group_size"):
+        nj.group_norm(x, num_groups=None, group_size=4)
+    with pytest.raises(ValueError, match="num_groups"):
+        nj.group_norm(x, num_groups=2, group_size=3)  # both
+    with pytest.raises(ValueError, match="num_groups"):
+        nj.group_norm(x, num_groups=None, group_size=None)  # neither
+    with pytest.raises(ValueError, match="num_groups"):
+        nj.group_norm(jnp.ones((2, 3, 64)))  # default 32 groups: fine
+        nj.group_norm(x)  # default 32 groups do not divide 6
+
+
+def test_errors_fire_under_jit():
+    with pytest.raises(ValueError, match="num_groups"):
+        jax.jit(lambda x: nj.group_norm(x, num_groups=4))(jnp.ones((2, 3, 6)))
+    with pytest.raises(ValueError, match="scale"):
+        jax.jit(lambda x, s: nj.layer_norm(x, s))(jnp.ones((2, 3)), jnp.ones((4,)))
