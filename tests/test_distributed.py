@@ -1,0 +1,238 @@
+"""Cross-device batch norm on 8 virtual CPU devices (tests/conftest.py sets XLA_FLAGS).
+
+Under shard_map, pmap and vmap with `axis_name`, and under plain jit with a sharded
+batch, the statistics must be those of the whole batch: exact over the union of every
+device's unmasked entries, even when the masks differ per device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import normjax as nj
+
+DEVICES = 8
+ROWS_PER_DEVICE = 4
+FEATURES = 3
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < DEVICES, reason="needs 8 (virtual) devices; see tests/conftest.py"
+)
+
+
+def _close(actual, expected, rtol=2e-5, atol=2e-5):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+
+
+def _batch(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # devices see different distributions: a mean of per-device means would be wrong
+    shift = np.repeat(np.arange(DEVICES, dtype=np.float64), ROWS_PER_DEVICE)[:, None]
+    x = rng.normal(size=(DEVICES * ROWS_PER_DEVICE, FEATURES)) * (1.0 + shift / 4) + shift
+    return x.astype(np.float32)
+
+
+def _unequal_row_mask() -> np.ndarray:
+    """Row mask with device 0 fully masked, device 1 mostly masked, others mixed."""
+    per_device = np.array(
+        [
+            [False, False, False, False],
+            [False, True, False, False],
+            [True, True, True, True],
+            [True, False, True, True],
+            [True, True, False, False],
+            [True, True, True, False],
+            [False, True, True, True],
+            [True, True, True, True],
+        ]
+    )
+    return per_device.reshape(-1, 1)
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return (
+        rng.normal(size=FEATURES).astype(np.float32),
+        rng.normal(size=FEATURES).astype(np.float32),
+    )
+
+
+def _expected_state(x, mask, unbiased=False):
+    # one debiased update from the initial state holds exactly the batch statistics
+    mean, var, count = ref.batch_stats(x, mask=mask)
+    if unbiased:
+        var = var * count / (count - 1)
+    return mean, var
+
+
+def _shard_map_bn(mesh, fn=nj.batch_norm, **kwargs):
+    def local(x, mask, state, scale, bias):
+        return fn(x, state, scale, bias, training=True, axis_name="data", mask=mask, **kwargs)
+
+    return jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P("data"), P("data"), P(), P(), P()),
+            out_specs=(P("data"), P()),
+        )
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_shard_map_equals_whole_batch(mesh, masked):
+    x = _batch()
+    mask = _unequal_row_mask() if masked else np.ones((x.shape[0], 1), bool)
+    filled = np.where(mask, x, np.nan).astype(np.float32)  # masked values must not matter
+    scale, bias = _params()
+    state = nj.batch_norm_state(FEATURES)
+
+    y, new_state = _shard_map_bn(mesh, momentum=0.9, unbiased_running_var=True)(
+        filled, mask, state, scale, bias
+    )
+    rows = mask[:, 0]
+    expected_y = ref.batch_norm_train(x, scale, bias, mask=mask)
+    _close(np.asarray(y)[rows], expected_y[rows])
+    mean, var = _expected_state(x, mask, unbiased=True)
+    _close(new_state.mean, mean)
+    _close(new_state.var, var)
+    assert int(new_state.count) == 1
+
+    # the same as batch_norm over the whole batch on one device
+    y_one, state_one = nj.batch_norm(filled, state, scale, bias, training=True, mask=mask,
+                                     momentum=0.9, unbiased_running_var=True)
+    _close(np.asarray(y)[rows], np.asarray(y_one, np.float64)[rows], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(new_state, state_one, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_batch_renorm_equals_whole_batch(mesh):
+    x = _batch(2)
+    mask = _unequal_row_mask()
+    scale, bias = _params()
+    state = nj.BatchNormState(jnp.array([1.0, 2.0, 3.0]), jnp.array([2.0, 0.5, 9.0]),
+                              jnp.asarray(3, jnp.int32))
+    y, new_state = _shard_map_bn(mesh, fn=nj.batch_renorm, momentum=0.9)(
+        x, mask, state, scale, bias
+    )
+    rows = mask[:, 0]
+    expected = ref.batch_renorm_train(x, state.mean, state.var, scale, bias, r_max=3.0,
+                                      d_max=5.0, mask=mask)
+    _close(np.asarray(y)[rows], expected[rows], rtol=1e-5, atol=1e-4)
+    mean, _, _ = ref.batch_stats(x, mask=mask)
+    w = (1 - 0.9) / (1 - 0.9**4)
+    _close(new_state.mean, np.asarray(state.mean) * (1 - w) + w * mean)
+
+
+def test_shard_map_grad_equals_whole_batch_grad(mesh):
+    x = _batch(3)
+    cot = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    state = nj.batch_norm_state(FEATURES)
+    mask = np.ones((x.shape[0], 1), bool)
+    bn = _shard_map_bn(mesh)
+
+    def loss(x):
+        y, _ = bn(x, mask, state, None, None)
+        return jnp.sum(y * cot)
+
+    gx = jax.grad(loss)(x)
+    _close(gx, ref.normalize_grad(x, cot, 0, 1e-5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pmap_equals_whole_batch(masked):
+    x = _batch(5)
+    mask = _unequal_row_mask() if masked else np.ones((x.shape[0], 1), bool)
+    scale, bias = _params()
+    state = nj.batch_norm_state(FEATURES)
+
+    def local(x, mask):
+        return nj.batch_norm(x, state, scale, bias, training=True, axis_name="data", mask=mask,
+                             momentum=0.9)
+
+    y, states = jax.pmap(local, axis_name="data")(
+        x.reshape(DEVICES, ROWS_PER_DEVICE, FEATURES), mask.reshape(DEVICES, ROWS_PER_DEVICE, 1)
+    )
+    rows = mask[:, 0]
+    _close(np.asarray(y).reshape(x.shape)[rows], ref.batch_norm_train(x, scale, bias,
+                                                                      mask=mask)[rows])
+    mean, var = _expected_state(x, mask)
+    for d in range(DEVICES):
+        _close(states.mean[d], mean)
+        _close(states.var[d], var)
+    np.testing.assert_array_equal(states.count, np.ones(DEVICES))
+
+
+def test_pmap_axis_index_groups():
+    x = _batch(6)
+    state = nj.batch_norm_state(FEATURES)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def local(x):
+        return nj.batch_norm(x, state, training=True, axis_name="data", axis_index_groups=groups)
+
+    y, states = jax.pmap(local, axis_name="data")(x.reshape(DEVICES, ROWS_PER_DEVICE, FEATURES))
+    y = np.asarray(y).reshape(x.shape)
+    half = x.shape[0] // 2
+    for g, rows in enumerate([slice(0, half), slice(half, None)]):
+        _close(y[rows], ref.batch_norm_train(x[rows]))
+        mean, var, _ = ref.batch_stats(x[rows])
+        _close(states.mean[4 * g], mean)
+        _close(states.var[4 * g + 3], var)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_jit_with_sharded_batch_needs_no_axis_name(mesh, masked):
+    x = _batch(7)
+    mask = _unequal_row_mask() if masked else np.ones((x.shape[0], 1), bool)
+    scale, bias = _params()
+    sharding = NamedSharding(mesh, P("data"))
+    x_sharded = jax.device_put(x, sharding)
+    mask_sharded = jax.device_put(mask, sharding)
+    assert len(x_sharded.sharding.device_set) == DEVICES
+
+    step = jax.jit(functools.partial(nj.batch_norm, training=True, momentum=0.9))
+    y, new_state = step(x_sharded, nj.batch_norm_state(FEATURES), scale, bias, mask=mask_sharded)
+    rows = mask[:, 0]
+    _close(np.asarray(y)[rows], ref.batch_norm_train(x, scale, bias, mask=mask)[rows])
+    mean, var = _expected_state(x, mask)
+    _close(new_state.mean, mean)
+    _close(new_state.var, var)
+
+
+def test_vmap_axis_name_equals_whole_batch():
+    x = _batch(8)
+    state = nj.batch_norm_state(FEATURES)
+    per_device = x.reshape(DEVICES, ROWS_PER_DEVICE, FEATURES)
+    y, states = jax.vmap(
+        lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b"
+    )(per_device)
+    _close(np.asarray(y).reshape(x.shape), ref.batch_norm_train(x))
+    mean, var, _ = ref.batch_stats(x)
+    for i in range(DEVICES):
+        _close(states.mean[i], mean)
+        _close(states.var[i], var)
+
+
+def test_vmap_axis_name_over_single_examples():
+    """Flax's idiom: vmap over examples, each of shape (features,); the batch is the axis."""
+    x = _batch(9)
+    state = nj.batch_norm_state(FEATURES)
+    y, states = jax.vmap(
+        lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b"
+    )(x)
+    _close(y, ref.batch_norm_train(x))
+    _close(states.mean[0], ref.batch_stats(x)[0])
