@@ -1,0 +1,292 @@
+"""The issue's numerics cases, for every op: stable variance, 1e30 inputs, constant
+channels, low-precision inputs with float32 statistics, output dtypes.
+
+Expected values are numpy float64 closed forms (tests/reference.py) evaluated on the
+exact input values the op sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+
+import normjax as nj
+
+
+class Case(NamedTuple):
+    """An op, its reference, an input shape and how to list its normalization sets."""
+
+    op: Callable  # (x, scale, bias, dtype) -> y
+    reference: Callable  # (x float64, scale, bias) -> y
+    shape: tuple[int, ...]
+    features: int
+    sets: Callable[[np.ndarray], np.ndarray]  # y -> (num_sets, set_size)
+
+
+def _bn(x, scale, bias, dtype=None):
+    state = nj.batch_norm_state(x.shape[-1])
+    return nj.batch_norm(x, state, scale, bias, training=True, dtype=dtype)[0]
+
+
+def _renorm(x, scale, bias, dtype=None):
+    # r_max=1, d_max=0: the batch-statistics path alone, independent of the running state
+    state = nj.batch_norm_state(x.shape[-1])
+    return nj.batch_renorm(x, state, scale, bias, training=True, r_max=1.0, d_max=0.0,
+                           dtype=dtype)[0]
+
+
+def _group_sets(y):
+    b, length, c = y.shape
+    return y.reshape(b, length, 2, c // 2).transpose(0, 2, 1, 3).reshape(b * 2, -1)
+
+
+CASES = {
+    "batch_norm": Case(_bn, lambda x, s, b: ref.batch_norm_train(x, s, b), (64, 4), 4,
+                       lambda y: y.T),
+    "batch_renorm": Case(_renorm, lambda x, s, b: ref.batch_norm_train(x, s, b), (64, 4), 4,
+                         lambda y: y.T),
+    "layer_norm": Case(lambda x, s, b, dtype=None: nj.layer_norm(x, s, b, dtype=dtype),
+                       lambda x, s, b: ref.layer_norm(x, s, b), (4, 64), 64, lambda y: y),
+    "group_norm": Case(
+        lambda x, s, b, dtype=None: nj.group_norm(x, s, b, num_groups=2, dtype=dtype),
+        lambda x, s, b: ref.group_norm(x, s, b, num_groups=2), (2, 16, 8), 8, _group_sets),
+    "instance_norm": Case(lambda x, s, b, dtype=None: nj.instance_norm(x, s, b, dtype=dtype),
+                          lambda x, s, b: ref.instance_norm(x, s, b), (2, 32, 4), 4,
+                          lambda y: y.transpose(0, 2, 1).reshape(-1, y.shape[1])),
+    # rms_norm has no centring and no bias; its cases are below
+}
+
+
+def _rms(x, s, b, dtype=None):
+    del b
+    return nj.rms_norm(x, s, dtype=dtype)
+
+
+RMS = Case(_rms, lambda x, s, b: ref.rms_norm(x, s), (4, 64), 64, lambda y: y)
+ALL_CASES = {**CASES, "rms_norm": RMS}
+
+
+def _normal(seed, shape):
+    return np.random.default_rng(seed).normal(size=shape)
+
+
+def _affine(case: Case, seed: int = 100):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.5, 2.0, case.features).astype(np.float32),
+            rng.normal(size=case.features).astype(np.float32))
+
+
+# ------------------------------------------------------------------------ stable variance
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stable_variance_on_large_mean(name, record_property):
+    case = CASES[name]
+    x = (1e4 + _normal(0, case.shape)).astype(np.float32)
+    y = np.asarray(case.op(x, None, None), np.float64)
+    std = case.sets(y).std(axis=1)
+    record_property("max |std - 1|", float(np.abs(std - 1).max()))
+    np.testing.assert_allclose(std, 1.0, atol=1e-3)
+    np.testing.assert_allclose(y, case.reference(x, None, None), atol=1e-3)
+
+
+def test_stable_variance_state_of_batch_norm():
+    x = (1e4 + _normal(1, (64, 4))).astype(np.float32)
+    _, state = nj.batch_norm(x, nj.batch_norm_state(4), training=True)
+    mean, var, _ = ref.batch_stats(x)
+    np.testing.assert_allclose(np.asarray(state.mean, np.float64), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.var, np.float64), var, rtol=1e-3)
+
+
+def test_rms_norm_on_large_mean():
+    x = (1e4 + _normal(2, (4, 64))).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(nj.rms_norm(x), np.float64), ref.rms_norm(x),
+                               rtol=1e-5)
+
+
+def test_flax_layer_norm_default_is_off_on_large_mean(record_property):
+    """Context for the case above: Flax's default (fast) variance loses it here.
+
+    Only normjax's result is asserted; Flax's std is recorded for the report.
+    """
+    x = (1e4 + _normal(0, (4, 64))).astype(np.float32)
+    module = nn.LayerNorm()
+    flax_y = np.asarray(module.apply(module.init(jax.random.key(0), x), x), np.float64)
+    flax_std = float(np.abs(flax_y.std(axis=1) - 1).max() + 1)
+    ours_std = np.asarray(nj.layer_norm(x), np.float64).std(axis=1)
+    record_property("flax LayerNorm std", flax_std)
+    print(f"flax.linen.LayerNorm() std on 1e4 + N(0,1): {flax_std:.4g}; "
+          f"normjax: {ours_std.max():.6f}")
+    np.testing.assert_allclose(ours_std, 1.0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- 1e30 magnitudes
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+@pytest.mark.parametrize("loc", [0.0, 3.0])
+def test_magnitude_1e30_is_finite_and_normalized(name, loc):
+    case = ALL_CASES[name]
+    x = (1e30 * (loc + _normal(3, case.shape))).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert np.isfinite(x).all() and not np.isfinite(x**2).all()  # x*x overflows float32
+    scale, bias = _affine(case)
+    y = np.asarray(case.op(x, scale, bias), np.float64)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, case.reference(x, scale, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_magnitude_1e30_jit():
+    x = (1e30 * _normal(4, (4, 64))).astype(np.float32)
+    y = np.asarray(jax.jit(nj.layer_norm)(x), np.float64)
+    np.testing.assert_allclose(y, ref.layer_norm(x), rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------- constant channels
+
+
+def _with_constant_set(case: Case, value: float, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """An input whose first normalization set is constant, and that set's flat indices."""
+    x = _normal(seed, case.shape).astype(np.float32)
+    indices = case.sets(np.arange(x.size).reshape(case.shape))[0]
+    flat = x.reshape(-1)
+    flat[indices] = np.float32(value)
+    return flat.reshape(case.shape), indices
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("value, atol", [(3.0, 1e-6), (2.0**100, 1e-6), (0.1, 1e-4)])
+def test_constant_set_gives_bias(name, value, atol):
+    case = CASES[name]
+    x, constant = _with_constant_set(case, value)
+    scale, bias = _affine(case)
+    y = np.asarray(case.op(x, scale, bias), np.float64)
+    assert np.isfinite(y).all()
+    expected = np.broadcast_to(ref.feature_broadcast(bias, x.ndim, -1), x.shape).reshape(-1)
+    np.testing.assert_allclose(y.reshape(-1)[constant], expected[constant], atol=atol)
+    others = np.setdiff1d(np.arange(x.size), constant)
+    np.testing.assert_allclose(y.reshape(-1)[others],
+                               case.reference(x, scale, bias).reshape(-1)[others],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_constant_channel_batch_norm_state():
+    x = _normal(6, (8, 2)).astype(np.float32)
+    x[:, 0] = 3.0
+    y, state = nj.batch_norm(x, nj.batch_norm_state(2), None, jnp.array([0.5, 0.0]),
+                             training=True)
+    np.testing.assert_array_equal(np.asarray(y)[:, 0], 0.5)
+    assert float(state.var[0]) == 0.0 and float(state.mean[0]) == 3.0
+    assert int(state.count) == 1
+
+
+def test_zero_row_rms_norm_is_zero():
+    x = _normal(7, (3, 5)).astype(np.float32)
+    x[1] = 0.0
+    y = np.asarray(nj.rms_norm(x))
+    assert np.isfinite(y).all()
+    np.testing.assert_array_equal(y[1], 0.0)
+
+
+# --------------------------------------------------------------- low-precision inputs
+
+
+def _within_resolution(y, expected, dtype):
+    """|y - expected| within one unit of `dtype` resolution at |expected| (plus a floor)."""
+    spacing = float(jnp.finfo(dtype).eps)
+    error = np.abs(np.asarray(y, np.float64) - expected)
+    bound = spacing * np.abs(expected) + spacing / 8
+    assert (error <= bound).all(), f"max error {error.max():.3g}, worst ratio " \
+        f"{(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_bfloat16_mean_10_within_resolution(name, record_property):
+    case = ALL_CASES[name]
+    x = jnp.asarray(10.0 + _normal(8, case.shape), jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    scale, bias = _affine(case)
+    y = case.op(x, scale, bias)
+    chex.assert_type(y, jnp.bfloat16)
+    expected = case.reference(x64, scale, bias)
+    record_property("max abs error", float(np.abs(np.asarray(y, np.float64) - expected).max()))
+    _within_resolution(y, expected, jnp.bfloat16)
+
+    # dtype=float32 shows the statistics themselves: bfloat16 statistics would be 1e-2 off
+    y32 = case.op(x, scale, bias, dtype=jnp.float32)
+    chex.assert_type(y32, jnp.float32)
+    np.testing.assert_allclose(np.asarray(y32, np.float64), expected, rtol=1e-4, atol=1e-4)
+
+
+F16_SHAPES = {
+    "batch_norm": (4096, 2),
+    "batch_renorm": (4096, 2),
+    "layer_norm": (2, 4096),
+    "rms_norm": (2, 4096),
+    "group_norm": (2, 1024, 4),
+    "instance_norm": (2, 2048, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_float16_sums_beyond_float16_range(name):
+    """Mean 100 over 4096 values: a float16 sum overflows, float32 statistics do not."""
+    case = ALL_CASES[name]
+    shape = F16_SHAPES[name]
+    x = jnp.asarray(100.0 + _normal(9, shape), jnp.float16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    features = shape[-1]
+    scale = np.ones(features, np.float32)
+    bias = np.zeros(features, np.float32)
+    y = case.op(x, scale, bias)
+    chex.assert_type(y, jnp.float16)
+    _within_resolution(y, case.reference(x64, scale, bias), jnp.float16)
+
+
+def test_low_precision_batch_norm_state_is_float32_and_exact():
+    x = jnp.asarray(100.0 + _normal(10, (4096, 2)), jnp.float16)
+    _, state = nj.batch_norm(x, nj.batch_norm_state(2), training=True)
+    chex.assert_type([state.mean, state.var], jnp.float32)
+    mean, var, _ = ref.batch_stats(np.asarray(x.astype(jnp.float32), np.float64))
+    np.testing.assert_allclose(np.asarray(state.mean, np.float64), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.var, np.float64), var, rtol=1e-4)
+
+    xb = jnp.asarray(10.0 + _normal(11, (64, 3)), jnp.bfloat16)
+    y, state = nj.batch_norm(xb, nj.batch_norm_state(3), training=True)
+    chex.assert_type(y, jnp.bfloat16)
+    chex.assert_type([state.mean, state.var], jnp.float32)
+    y_eval, _ = nj.batch_norm(xb, state, training=False)
+    chex.assert_type(y_eval, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dtype_argument_sets_output_dtype(name, dtype):
+    case = ALL_CASES[name]
+    x = _normal(12, case.shape).astype(np.float32)
+    y = case.op(x, None, None)
+    chex.assert_type(y, jnp.float32)
+    y = case.op(x, None, None, dtype=dtype)
+    chex.assert_type(y, dtype)
+    _within_resolution(y, case.reference(x, None, None), dtype)
+
+
+def test_float64_statistics_under_x64():
+    with jax.enable_x64(True):
+        # float64 resolves 1e8 + N(0,1) to ~1e-8; float32 statistics would be off by O(1)
+        x = 1e8 + _normal(13, (16, 3))
+        y, state = nj.batch_norm(jnp.asarray(x), nj.batch_norm_state(3, jnp.float64),
+                                 training=True)
+        chex.assert_type([y, state.mean], jnp.float64)
+        np.testing.assert_allclose(np.asarray(y), ref.batch_norm_train(x), atol=1e-6)
+        y = nj.layer_norm(jnp.asarray(x.T))
+        chex.assert_type(y, jnp.float64)
+        np.testing.assert_allclose(np.asarray(y), ref.layer_norm(x.T), atol=1e-6)
