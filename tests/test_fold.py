@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from jax.test_util import check_grads
 
 import normjax as nj
 
@@ -137,3 +138,18 @@ def test_fold_epsilon_not_positive():
     with pytest.raises(ValueError, match="epsilon"):
         nj.fold_batch_norm(jnp.ones((4, 3)), None, nj.batch_norm_state(3), None, None,
                            epsilon=0.0)
+
+
+def test_check_grads_fold_float64():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(40)
+        kernel, bias = jnp.asarray(rng.normal(size=(3, 2))), jnp.asarray(rng.normal(size=2))
+        scale, bn_bias = jnp.asarray(rng.normal(size=2)), jnp.asarray(rng.normal(size=2))
+        mean, var = jnp.asarray(rng.normal(size=2)), jnp.asarray(rng.uniform(0.5, 2.0, 2))
+
+        def fold(kernel, bias, mean, var, scale, bn_bias):
+            state = nj.BatchNormState(mean, var, jnp.asarray(1, jnp.int32))
+            return nj.fold_batch_norm(kernel, bias, state, scale, bn_bias)
+
+        check_grads(jax.jit(fold), (kernel, bias, mean, var, scale, bn_bias), order=1,
+                    modes=("fwd", "rev"))
