@@ -1,0 +1,463 @@
+"""normjax.linen against flax.linen (the reference) and numpy float64 closed forms.
+
+The drop-in proof: a small CNN written once with ``flax.linen`` norms and once
+with ``normjax.linen`` norms gives, from the same keys, the same parameters,
+the same evaluation outputs and the same first SGD step (``debias=False``
+for batch norm, float32 tolerance). Random keys use the ``rbg``
+implementation only because its initializers compile in a fraction of the
+time of threefry's; both models get the very same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import flax
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from sklearn.datasets import load_digits
+
+from normjax import linen as njl
+
+KEY = functools.partial(jax.random.key, impl="rbg")
+
+PAIRS = [
+    (njl.BatchNorm, nn.BatchNorm),
+    (njl.LayerNorm, nn.LayerNorm),
+    (njl.RMSNorm, nn.RMSNorm),
+    (njl.GroupNorm, nn.GroupNorm),
+    (njl.InstanceNorm, nn.InstanceNorm),
+]
+NORMJAX_FIELDS = ("debias", "unbiased_running_var", "skip_nonfinite")
+
+
+def _fields(cls: type) -> list[tuple[str, object]]:
+    return [
+        (f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")
+    ]
+
+
+def _max_abs_diff(a, b) -> float:
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
+    return images, data.target.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Interface: fields, variables, modes.
+
+
+@pytest.mark.parametrize("ours, theirs", PAIRS, ids=lambda c: getattr(c, "__name__", ""))
+def test_fields_extend_flax_with_the_same_defaults_and_order(ours, theirs):
+    flax_fields = _fields(theirs)
+    assert _fields(ours)[: len(flax_fields)] == flax_fields
+
+
+def test_batch_renorm_fields_are_batch_norm_plus_clips():
+    assert _fields(njl.BatchRenorm) == _fields(njl.BatchNorm) + [("r_max", 3.0), ("d_max", 5.0)]
+    assert [name for name, _ in _fields(njl.BatchNorm)][-3:] == list(NORMJAX_FIELDS)
+
+
+@pytest.mark.parametrize("cls", [njl.BatchNorm, njl.BatchRenorm])
+def test_batch_norm_variables_are_flax_names_plus_count(cls):
+    x = jax.random.normal(KEY(0), (6, 3, 4))
+    ours = cls(use_running_average=False).init(KEY(1), x)
+    flax_vars = nn.BatchNorm(use_running_average=False).init(KEY(1), x)
+    counts = ours["batch_stats"].pop("count")
+    chex.assert_trees_all_equal(ours, flax_vars)  # values, shapes and dtypes
+    chex.assert_shape(counts, ())
+    assert counts.dtype == jnp.int32 and int(counts) == 0
+
+
+def test_running_stats_change_only_when_mutable_and_not_during_init():
+    x = 3.0 + 2.0 * jax.random.normal(KEY(0), (16, 4))
+    bn = njl.BatchNorm()
+    variables = bn.init(KEY(1), x, False)  # training mode, yet no update during init
+    chex.assert_trees_all_equal(
+        variables["batch_stats"],
+        {"mean": jnp.zeros(4), "var": jnp.ones(4), "count": jnp.zeros((), jnp.int32)},
+    )
+    _, updated = bn.apply(variables, x, False, mutable=["batch_stats"])
+    assert int(updated["batch_stats"]["count"]) == 1
+    # debias=True: after one update the running mean is the batch mean.
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], np.mean(np.asarray(x), 0), 1e-5)
+    # Evaluation leaves the statistics alone, even when they are mutable.
+    _, same = bn.apply(variables, x, True, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(same["batch_stats"], variables["batch_stats"])
+    # Training with immutable statistics is Flax's error, exactly as flax.linen.BatchNorm's.
+    flax_bn = nn.BatchNorm(use_running_average=False)
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        flax_bn.apply(flax_bn.init(KEY(1), x), x)
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        bn.apply(variables, x, False)
+
+
+def test_init_with_a_single_example_in_training_mode_works_as_in_flax():
+    x = jnp.ones((1, 5))
+    ours = njl.BatchNorm(use_running_average=False).init(KEY(0), x)
+    theirs = nn.BatchNorm(use_running_average=False).init(KEY(0), x)
+    ours["batch_stats"].pop("count")
+    chex.assert_trees_all_equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------
+# Layer by layer against Flax, both of Flax's variance formulas. Every layer
+# runs in one jit-compiled function per library, to compile once.
+
+LAYER_CASES = [
+    ("BatchNorm", dict(use_running_average=False, momentum=0.9), dict(debias=False)),
+    ("BatchNorm", dict(use_running_average=False, axis=(1, 3)), dict(debias=False)),
+    ("LayerNorm", dict(reduction_axes=(1, 2, 3), feature_axes=(2, 3)), {}),
+    ("RMSNorm", dict(reduction_axes=(2, 3)), {}),
+    ("GroupNorm", dict(num_groups=3), {}),
+    ("GroupNorm", dict(num_groups=None, group_size=2, reduction_axes=(2, 3)), {}),
+    ("InstanceNorm", dict(feature_axes=(1, 3)), {}),
+]
+
+
+def _initial_variables(module: nn.Module, x: jax.Array, seed: int, **call_kwargs):
+    """Variables of ``module`` for ``x``: random params, Flax's initial statistics."""
+    shapes = jax.eval_shape(functools.partial(module.init, **call_kwargs), KEY(0), x)
+    rng = np.random.default_rng(seed)
+    fill = {"mean": np.zeros, "var": np.ones, "count": lambda s, d: np.zeros(s, d)}
+
+    def make(path, leaf):
+        name = path[-1].key
+        if path[0].key == "params":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        return jnp.asarray(fill[name](leaf.shape, leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def _layers_and_grads(modules, variables, x, mask=None):
+    """Outputs, updated batch stats and gradients (params and x) of every layer, jitted."""
+
+    @jax.jit
+    def run(variables, x, mask):
+        def loss(params, x):
+            outs = [
+                m.apply({**v, "params": p}, x, mask=mask, mutable=["batch_stats"])
+                for m, v, p in zip(modules, variables, params, strict=True)
+            ]
+            total = sum(jnp.sum(jnp.sin(y)) for y, _ in outs)
+            return total, [(y, s.get("batch_stats", {})) for y, s in outs]
+
+        params = [v["params"] for v in variables]
+        (_, outs), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+        return outs, grads
+
+    return run(variables, x, mask)
+
+
+def _strip_counts(outs):
+    return [(y, {k: v for k, v in s.items() if k != "count"}) for y, s in outs]
+
+
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_every_layer_matches_flax_outputs_stats_and_grads(fast_variance):
+    x = 0.5 + 2.0 * jax.random.normal(KEY(0), (4, 5, 3, 6))
+    ours = [getattr(njl, name)(**kw, **extra) for name, kw, extra in LAYER_CASES]
+    theirs = [
+        getattr(nn, name)(**kw, use_fast_variance=fast_variance) for name, kw, _ in LAYER_CASES
+    ]
+    our_vars = [_initial_variables(m, x, seed) for seed, m in enumerate(ours)]
+    flax_vars = [_initial_variables(m, x, seed) for seed, m in enumerate(theirs)]
+    outs1, grads1 = _layers_and_grads(ours, our_vars, x)
+    outs2, grads2 = _layers_and_grads(theirs, flax_vars, x)
+    for (name, kw, _), o1, o2 in zip(LAYER_CASES, _strip_counts(outs1), outs2, strict=True):
+        chex.assert_trees_all_close(o1, o2, atol=2e-5, rtol=2e-5, custom_message=f"{name} {kw}")
+    chex.assert_trees_all_close(grads1, grads2, atol=5e-5, rtol=5e-5)
+
+
+def test_mask_restricts_the_statistics_like_flax():
+    x = jax.random.normal(KEY(0), (6, 5, 4))
+    mask = np.random.default_rng(0).random(x.shape) < 0.5
+    # Keep at least two entries in every row, column and group, so that no
+    # statistic is over an empty set (Flax gives NaN there).
+    mask[:, :2, :] = True
+    mask[:, :, :2] = True
+    kinds = [("BatchNorm", dict(use_running_average=False), dict(debias=False))] + [
+        (name, {"num_groups": 2} if name == "GroupNorm" else {}, {})
+        for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
+    ]
+    ours = [getattr(njl, name)(**kw, **extra) for name, kw, extra in kinds]
+    theirs = [getattr(nn, name)(**kw, use_fast_variance=False) for name, kw, _ in kinds]
+    outs1, _ = _layers_and_grads(ours, [_initial_variables(m, x, 0) for m in ours], x, mask)
+    outs2, _ = _layers_and_grads(theirs, [_initial_variables(m, x, 0) for m in theirs], x, mask)
+    chex.assert_trees_all_close(_strip_counts(outs1), outs2, atol=2e-5, rtol=2e-5)
+
+
+def test_output_dtype_follows_flax():
+    x = jax.ShapeDtypeStruct((4, 3, 6), jnp.bfloat16)
+    for ours, theirs in PAIRS:
+        kwargs = {"num_groups": 3} if ours is njl.GroupNorm else {}
+        if ours is njl.BatchNorm:
+            kwargs = {"use_running_average": False}
+        for extra in ({}, {"dtype": jnp.bfloat16}, {"param_dtype": jnp.bfloat16}):
+            dtypes = []
+            for module in (ours(**kwargs, **extra), theirs(**kwargs, **extra)):
+                variables = jax.eval_shape(module.init, KEY(1), x)
+                y, _ = jax.eval_shape(functools.partial(module.apply, mutable=True), variables, x)
+                dtypes.append(y.dtype)
+            assert dtypes[0] == dtypes[1], (ours.__name__, extra, dtypes)
+
+
+def test_batch_norm_axis_name_under_vmap_matches_flax():
+    x = 1.0 + jax.random.normal(KEY(0), (4, 8, 3))
+    outs = []
+    for module in (
+        njl.BatchNorm(False, axis_name="d", debias=False),
+        nn.BatchNorm(False, axis_name="d"),
+    ):
+        variables = _initial_variables(module, x[0], 0)
+        apply = functools.partial(module.apply, variables, mutable=["batch_stats"])
+        y, state = jax.jit(jax.vmap(apply, axis_name="d"))(x)
+        state["batch_stats"].pop("count", None)
+        outs.append((y, jax.tree.map(lambda s: s[0], state)))
+    chex.assert_trees_all_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# normjax's own options, against numpy float64 closed forms.
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    debias=st.booleans(),
+    axis=st.sampled_from([-1, (1, 2)]),
+    seed=st.integers(0, 2**16),
+)
+def test_batch_norm_running_stats_match_float64_ema(momentum, debias, axis, seed):
+    rng = np.random.default_rng(seed)
+    batches = rng.normal(2.0, 3.0, size=(3, 5, 4, 3)).astype(np.float32)
+    bn = njl.BatchNorm(axis=axis, momentum=momentum, debias=debias)
+    variables = _initial_variables(bn, batches[0], 0, use_running_average=False)
+    axes = tuple(a % 3 for a in ((axis,) if isinstance(axis, int) else axis))
+    reduced = tuple(a for a in range(3) if a not in axes)
+    mean, var = 0.0, 1.0
+    for t, x in enumerate(batches, start=1):
+        y, state = bn.apply(variables, x, False, mutable=["batch_stats"])
+        variables = {**variables, **state}
+        x64 = x.astype(np.float64)
+        mu, sigma2 = x64.mean(reduced, keepdims=True), x64.var(reduced, keepdims=True)
+        scale = np.asarray(variables["params"]["scale"]).reshape(mu.shape)
+        bias = np.asarray(variables["params"]["bias"]).reshape(mu.shape)
+        expected = (x64 - mu) / np.sqrt(sigma2 + 1e-5) * scale + bias
+        np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+        w = (1 - momentum) / (1 - momentum**t) if debias else 1 - momentum
+        mean = mean + w * (mu.squeeze(reduced) - mean)
+        var = var + w * (sigma2.squeeze(reduced) - var)
+        np.testing.assert_allclose(state["batch_stats"]["mean"], mean, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(state["batch_stats"]["var"], var, atol=1e-5, rtol=1e-5)
+        assert int(state["batch_stats"]["count"]) == t
+    y_eval = bn.apply(variables, batches[0], True)
+    m, v = np.expand_dims(mean, reduced), np.expand_dims(var, reduced)
+    expected = (batches[0] - m) / np.sqrt(v + 1e-5) * scale + bias
+    np.testing.assert_allclose(y_eval, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_renorm_matches_paper_algorithm_in_float64():
+    rng = np.random.default_rng(0)
+    first = rng.normal(0.0, 1.0, (16, 3)).astype(np.float32)
+    second = rng.normal(4.0, 6.0, (16, 3)).astype(np.float32)  # far off: r and d clip
+    r_max, d_max, eps = 1.5, 0.5, 1e-5
+    module = njl.BatchRenorm(use_running_average=False, r_max=r_max, d_max=d_max)
+    variables = module.init(KEY(0), first)
+    _, state = module.apply(variables, first, mutable=["batch_stats"])
+    y, _ = module.apply({**variables, **state}, second, mutable=["batch_stats"])
+    # Ioffe 2017, Algorithm 1, with the running statistics after the first batch
+    # (debias=True makes them the first batch's own statistics).
+    f64, s64 = first.astype(np.float64), second.astype(np.float64)
+    mu, sigma = f64.mean(0), np.sqrt(f64.var(0) + eps)
+    mu_b, sigma_b = s64.mean(0), np.sqrt(s64.var(0) + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
+    assert np.all(r == r_max) and np.all(np.abs(d) == d_max)  # the clips are active
+    np.testing.assert_allclose(y, (s64 - mu_b) / sigma_b * r + d, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Bad input: clear errors naming the module and the argument.
+
+BAD_INPUT_MODULES = [
+    njl.BatchNorm(use_running_average=False),
+    njl.BatchRenorm(use_running_average=False),
+    njl.LayerNorm(),
+    njl.RMSNorm(),
+    njl.GroupNorm(num_groups=2),
+    njl.InstanceNorm(),
+]
+
+
+def _abstract_apply(module: nn.Module, x_init, x, **kwargs):
+    """Traces init and apply without running them: the errors are raised at trace time."""
+    variables = jax.eval_shape(module.init, KEY(0), x_init)
+    return jax.eval_shape(functools.partial(module.apply, mutable=True, **kwargs), variables, x)
+
+
+@pytest.mark.parametrize("module", BAD_INPUT_MODULES, ids=lambda m: type(m).__name__)
+def test_feature_count_changed_since_init_is_a_clear_error(module):
+    pattern = rf"normjax\.linen\.{type(module).__name__}.*`x` has feature shape \(8,\).*\(6,\)"
+    with pytest.raises(ValueError, match=pattern):
+        _abstract_apply(module, jnp.ones((4, 3, 6)), jnp.ones((4, 3, 8)))
+
+
+@pytest.mark.parametrize("module", BAD_INPUT_MODULES, ids=lambda m: type(m).__name__)
+def test_mask_of_the_wrong_shape_is_a_clear_error(module):
+    x = jnp.ones((4, 3, 6))
+    with pytest.raises(ValueError, match=rf"{type(module).__name__}.*`mask` of shape \(4, 5\)"):
+        _abstract_apply(module, x, x, mask=jnp.ones((4, 5), bool))
+
+
+@pytest.mark.parametrize("cls", [njl.BatchNorm, njl.BatchRenorm])
+def test_use_running_average_unset_is_flax_error_naming_the_module(cls):
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.*\"use_running_average\" must be"):
+        jax.eval_shape(cls().init, KEY(0), x)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.*passed to the constructor and at"):
+        jax.eval_shape(lambda key: cls(use_running_average=True).init(key, x, False), KEY(0))
+
+
+def test_group_norm_bad_group_count_names_the_module():
+    with pytest.raises(ValueError, match=r"normjax\.linen\.GroupNorm.*`num_groups`=4"):
+        jax.eval_shape(njl.GroupNorm(num_groups=4).init, KEY(0), jnp.ones((2, 6)))
+
+
+# ----------------------------------------------------------------------------
+# Drop-in proof: the same CNN with Flax's norms and with normjax's.
+
+
+class CNN(nn.Module):
+    """conv -> norm -> relu per entry of ``norms``, then a dense classifier."""
+
+    norms: tuple[Callable[[bool], nn.Module], ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for make_norm in self.norms:
+            x = nn.relu(make_norm(train)(nn.Conv(8, (3, 3))(x)))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def _batch_norm(lib, **kwargs) -> Callable[[bool], nn.Module]:
+    return lambda train: lib.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
+
+
+def _sgd_step_and_eval(model: CNN, variables, x, y, x_test):
+    """One SGD step in training mode, then the updated model on ``x_test`` in eval mode."""
+
+    @jax.jit
+    def run(variables, x, y, x_test):
+        def loss(params):
+            logits, state = model.apply(
+                {**variables, "params": params}, x, True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
+
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        tx = optax.sgd(0.1)
+        updates, _ = tx.update(grads, tx.init(variables["params"]))
+        new = {**variables, **state, "params": optax.apply_updates(variables["params"], updates)}
+        return new, value, model.apply(new, x_test, False)
+
+    return run(variables, x, y, x_test)
+
+
+def _assert_drop_in(ours: CNN, theirs: CNN, digits) -> dict[str, float]:
+    images, labels = digits
+    x, y, x_test = images[:32], labels[:32], images[100:164]
+    our_vars = jax.jit(ours.init, static_argnums=2)(KEY(0), x, False)
+    flax_vars = jax.jit(theirs.init, static_argnums=2)(KEY(0), x, False)
+    # Same keys, same parameter tree: every conv and dense kernel identical.
+    chex.assert_trees_all_equal(our_vars["params"], flax_vars["params"])
+    new_ours, loss_ours, eval_ours = _sgd_step_and_eval(ours, our_vars, x, y, x_test)
+    new_flax, loss_flax, eval_flax = _sgd_step_and_eval(theirs, flax_vars, x, y, x_test)
+    ours_stats = {k: dict(v) for k, v in new_ours.get("batch_stats", {}).items()}
+    for stats in ours_stats.values():
+        assert int(stats.pop("count")) == 1
+    diffs = {
+        "loss": _max_abs_diff(loss_ours, loss_flax),
+        "params": _max_abs_diff(new_ours["params"], new_flax["params"]),
+        "batch_stats": _max_abs_diff(ours_stats, new_flax.get("batch_stats", {})),
+        "eval_logits": _max_abs_diff(eval_ours, eval_flax),
+    }
+    chex.assert_trees_all_close(new_ours["params"], new_flax["params"], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(ours_stats, new_flax.get("batch_stats", {}), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(eval_ours, eval_flax, atol=1e-4, rtol=1e-4)
+    return diffs
+
+
+def test_batch_norm_cnn_is_a_drop_in_for_flax(digits):
+    ours = CNN((_batch_norm(njl, debias=False),) * 3)
+    theirs = CNN((_batch_norm(nn),) * 3)  # Flax's defaults, fast variance included
+    diffs = _assert_drop_in(ours, theirs, digits)
+    print("linen BatchNorm CNN vs flax.linen, max |diff|:", diffs)
+
+
+def test_every_norm_in_one_cnn_is_a_drop_in_for_flax(digits):
+    def norms(lib, bn_extra, extra):
+        return (
+            _batch_norm(lib, **bn_extra, **extra),
+            lambda train: lib.LayerNorm(**extra),
+            lambda train: lib.GroupNorm(num_groups=4, **extra),
+            lambda train: lib.InstanceNorm(**extra),
+            lambda train: lib.RMSNorm(**extra),
+        )
+
+    ours = CNN(norms(njl, {"debias": False}, {}))
+    theirs = CNN(norms(nn, {}, {"use_fast_variance": False}))
+    diffs = _assert_drop_in(ours, theirs, digits)
+    print("linen BN+LN+GN+IN+RMS CNN vs flax.linen (exact variance), max |diff|:", diffs)
+
+
+def test_jit_training_on_digits_lowers_the_loss(digits):
+    images, labels = digits
+    model = CNN((_batch_norm(njl),) * 3)
+    tx = optax.adam(1e-2)
+    variables = jax.jit(model.init, static_argnums=2)(KEY(0), images[:64], False)
+    opt_state = tx.init(variables["params"])
+
+    @jax.jit
+    def step(variables, opt_state, x, y):
+        def loss(params):
+            logits, state = model.apply(
+                {**variables, "params": params}, x, True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
+
+        (value, state), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        updates, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], updates)
+        return {"params": params, **state}, opt_state, value
+
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(40):
+        batch = rng.choice(1500, 64, replace=False)
+        variables, opt_state, value = step(variables, opt_state, images[batch], labels[batch])
+        losses.append(float(value))
+    logits = jax.jit(model.apply, static_argnums=2)(variables, images[1500:], False)
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels[1500:]))
+    print(f"linen digits: loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}, acc {accuracy:.3f}")
+    assert losses[0] > 2.0  # chance level is ln(10) = 2.30
+    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+    assert accuracy > 0.7  # held-out, evaluation mode: the running statistics work
