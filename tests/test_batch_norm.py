@@ -72,7 +72,7 @@ def _shape_and_feature_axes(draw):
     return shape, axis, feature_axes
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     case=_shape_and_feature_axes(),
     with_scale=st.booleans(),
@@ -373,7 +373,9 @@ def test_jit_matches_reference():
 def test_vmap_over_independent_batches():
     xs = _normal(51, (5, 4, 3), loc=1.0)
     states = jax.vmap(lambda _: nj.batch_norm_state(3))(jnp.arange(5))
-    ys, new_states = jax.vmap(functools.partial(nj.batch_norm, training=True))(xs, states)
+    ys, new_states = jax.jit(jax.vmap(functools.partial(nj.batch_norm, training=True)))(
+        xs, states
+    )
     for i in range(5):
         _close(ys[i], ref.batch_norm_train(xs[i]))
         _close(new_states.mean[i], ref.batch_stats(xs[i])[0])
@@ -407,7 +409,9 @@ def test_check_grads_batch_norm_float64():
             y, new_state = nj.batch_norm(x, state, scale, bias, training=True, axis=1)
             return y, new_state.mean, new_state.var
 
-        check_grads(jax.jit(train), (x, scale, bias), order=2, modes=("fwd", "rev"))
+        # second order through the batch statistics; first order in both modes
+        check_grads(jax.jit(train), (x, scale, bias), order=2, modes=("rev",))
+        check_grads(jax.jit(train), (x, scale, bias), order=1, modes=("fwd",))
 
         def evaluate(x, scale, bias):
             return nj.batch_norm(x, state, scale, bias, training=False, axis=1)[0]

@@ -217,8 +217,8 @@ def test_vmap_axis_name_equals_whole_batch():
     x = _batch(8)
     state = nj.batch_norm_state(FEATURES)
     per_device = x.reshape(DEVICES, ROWS_PER_DEVICE, FEATURES)
-    y, states = jax.vmap(
-        lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b"
+    y, states = jax.jit(
+        jax.vmap(lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b")
     )(per_device)
     _close(np.asarray(y).reshape(x.shape), ref.batch_norm_train(x))
     mean, var, _ = ref.batch_stats(x)
@@ -231,8 +231,8 @@ def test_vmap_axis_name_over_single_examples():
     """Flax's idiom: vmap over examples, each of shape (features,); the batch is the axis."""
     x = _batch(9)
     state = nj.batch_norm_state(FEATURES)
-    y, states = jax.vmap(
-        lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b"
+    y, states = jax.jit(
+        jax.vmap(lambda xi: nj.batch_norm(xi, state, training=True, axis_name="b"), axis_name="b")
     )(x)
     _close(y, ref.batch_norm_train(x))
     _close(states.mean[0], ref.batch_stats(x)[0])

@@ -65,7 +65,7 @@ _instance_norm = jax.jit(nj.instance_norm, static_argnames=("feature_axes",))
 # ----------------------------------------------------------------------------- layer norm
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(case=_shape_and_axes(), with_affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_layer_norm_matches_reference(case, with_affine, seed):
     shape, reduction_axes, feature_axes = case
@@ -117,11 +117,12 @@ def test_layer_norm_jit_vmap():
     scale = _normal(7, (4,))
     expected = ref.layer_norm(x, scale)
     _close(jax.jit(nj.layer_norm)(x, scale), expected)
-    per_example = jax.vmap(nj.layer_norm, in_axes=(0, None))(x, scale)
+    per_example = jax.jit(jax.vmap(nj.layer_norm, in_axes=(0, None)))(x, scale)
     _close(per_example, expected)
     # vmapping over the last axis: reduction_axes=-1 then refers to the per-example last axis
-    swapped = jax.vmap(functools.partial(nj.layer_norm, reduction_axes=-1), in_axes=2,
-                       out_axes=2)(x)
+    swapped = jax.jit(
+        jax.vmap(functools.partial(nj.layer_norm, reduction_axes=-1), in_axes=2, out_axes=2)
+    )(x)
     _close(swapped, ref.layer_norm(np.moveaxis(x, 2, 0)).transpose(1, 2, 0))
 
 
@@ -136,7 +137,7 @@ def test_layer_norm_grad_matches_closed_form():
 # ------------------------------------------------------------------------------- rms norm
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(case=_shape_and_axes(), with_scale=st.booleans(), seed=st.integers(0, 2**16))
 def test_rms_norm_matches_reference(case, with_scale, seed):
     shape, reduction_axes, feature_axes = case
@@ -186,7 +187,7 @@ def _group_case(draw):
     return shape, groups, size, by_size
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(case=_group_case(), with_affine=st.booleans(), seed=st.integers(0, 2**16))
 def test_group_norm_matches_reference(case, with_affine, seed):
     shape, groups, size, by_size = case
@@ -232,7 +233,7 @@ def test_group_norm_mask(fill):
 # -------------------------------------------------------------------------- instance norm
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     shape=st.lists(st.integers(2, 4), min_size=3, max_size=4).map(tuple),
     two_feature_axes=st.booleans(),
@@ -299,7 +300,9 @@ def _check_float64(fn, shapes, seed, order=1):
     with jax.enable_x64(True):
         args = tuple(jnp.asarray(_normal(seed + i, s, dtype=np.float64)) for i, s in
                      enumerate(shapes))
-        check_grads(jax.jit(fn), args, order=order, modes=("fwd", "rev"))
+        check_grads(jax.jit(fn), args, order=1, modes=("fwd", "rev"))
+        if order == 2:
+            check_grads(jax.jit(fn), args, order=2, modes=("rev",))
 
 
 def test_check_grads_layer_norm():
