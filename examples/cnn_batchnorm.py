@@ -58,6 +58,9 @@ from normjax import initializers as ni
 from normjax import linen as njnn
 
 BN_EPSILON = 1e-5
+# An epoch is only ~22 steps: a 10-step memory (PyTorch's default, momentum 0.1 there) lets
+# the running statistics follow the weights, which Flax's 0.99 (100 steps) would lag behind.
+BN_MOMENTUM = 0.9
 
 
 class DigitsCNN(nn.Module):
@@ -86,7 +89,10 @@ class DigitsCNN(nn.Module):
             )(x)
             if not self.folded:
                 x = njnn.BatchNorm(
-                    use_running_average=not train, epsilon=BN_EPSILON, name=f"bn{i}"
+                    use_running_average=not train,
+                    momentum=BN_MOMENTUM,
+                    epsilon=BN_EPSILON,
+                    name=f"bn{i}",
                 )(x)
             x = jax.nn.relu(x)
             if i == 0:

@@ -253,7 +253,7 @@ def run_config(
         x, y = adding_problem(jax.random.fold_in(data_key, step), args.batch_size, args.seq_len)
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
     x_test, y_test = adding_problem(test_key, args.test_size, args.seq_len)
 
