@@ -225,11 +225,10 @@ def batch_norm(
     if not training:
         stats = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
         return _stats.normalize(p.x, stats, scale, bias, p.feature_axes, out_dtype), state
-    stats = _stats.moments(
-        p.x, p.reduction_axes, epsilon=epsilon, mask=p.mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+    y, stats = _stats.standardize(
+        p.x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=epsilon, mask=p.mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype,
     )  # fmt: skip
-    y = _stats.normalize(p.x, stats, scale, bias, p.feature_axes, out_dtype)
     new_state = _update_state(
         state, stats, p.feature_shape, momentum=momentum, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,

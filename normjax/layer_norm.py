@@ -50,11 +50,12 @@ def _normalize_over(
     _stats.check_param_shape(scale, fshape, "scale")
     _stats.check_param_shape(bias, fshape, "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
-    stats = _stats.moments(
-        x, reduction, epsilon=epsilon, mask=mask, center=center, axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+    y, _ = _stats.standardize(
+        x, reduction, features, scale, bias, epsilon=epsilon, mask=mask, center=center,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=x.dtype if dtype is None else dtype,
     )  # fmt: skip
-    return _stats.normalize(x, stats, scale, bias, features, x.dtype if dtype is None else dtype)
+    return y
 
 
 def layer_norm(
