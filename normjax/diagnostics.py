@@ -251,29 +251,39 @@ def activation_stats(
         if isinstance(mutable, str):
             mutable = [mutable]
         mutable = [*(mutable or []), "intermediates"]
-    _, state = module.apply(
-        variables,
-        x,
-        capture_intermediates=_capture_filter(layers),
-        mutable=mutable,
-        **apply_kwargs,
-    )
-    captured: dict[tuple[str, ...], list[jax.Array]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.get("intermediates", {}))[0]:
-        names = _path_names(path)
-        # Flax stores each call's output under <module path>/<method name>/<call index>.
-        layer = tuple(names[:-2])
-        captured.setdefault(layer, []).append(jnp.ravel(leaf))
-    if not captured:
+    capture = _capture_filter(layers)
+
+    # One compiled program for the forward pass and every statistic: applying a
+    # deep model op by op (eagerly) costs far more in dispatch than it computes.
+    @jax.jit
+    def compute(variables: Any, x: Any) -> dict[tuple[str, ...], jax.Array]:
+        _, state = module.apply(
+            variables, x, capture_intermediates=capture, mutable=mutable, **apply_kwargs
+        )
+        captured: dict[tuple[str, ...], list[jax.Array]] = {}
+        intermediates = state.get("intermediates", {})
+        for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+            # Flax stores each call's output under <module path>/<method>/<call index>.
+            layer = tuple(_path_names(path)[:-2])
+            captured.setdefault(layer, []).append(jnp.ravel(leaf))
+        stats = {}
+        for layer, outputs in captured.items():
+            y = function(jnp.concatenate(outputs).astype(jnp.float32))
+            saturated = (
+                jnp.mean(rule(y, saturation_threshold)) if rule else jnp.array(jnp.nan, y.dtype)
+            )
+            stats[layer] = jnp.stack([jnp.mean(y), jnp.std(y), saturated])
+        return stats
+
+    stats = jax.device_get(compute(variables, x))
+    if not stats:
         raise ValueError(
             f"activation_stats: `layers`={layers!r} matched no layer of {type(module).__name__}"
         )
     result = {}
-    for layer in sorted(captured, key=lambda names: _natural_key(list(names))):
-        y = function(jnp.concatenate(captured[layer]).astype(jnp.float32))
-        saturated = float(jnp.mean(rule(y, saturation_threshold))) if rule else float("nan")
+    for layer in sorted(stats, key=lambda names: _natural_key(list(names))):
         name = "/".join(layer) or type(module).__name__
-        result[name] = ActivationStats(float(jnp.mean(y)), float(jnp.std(y)), saturated)
+        result[name] = ActivationStats(*(float(v) for v in stats[layer]))
     return result
 
 
