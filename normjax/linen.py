@@ -82,6 +82,8 @@ def _errors_name(module: Any) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError) as error:
+        if type(error) not in (ValueError, TypeError):
+            raise  # JAX's own subclasses (tracer errors) have their own constructors
         raise type(error)(f"{_describe(module)}: {error}") from error
 
 
@@ -158,7 +160,10 @@ class BatchNorm(nn.Module):
     scalar: how many batches updated the statistics). The running statistics
     change only when ``batch_stats`` is mutable and the module is not
     initializing; calling in training mode without ``mutable=["batch_stats"]``
-    raises Flax's error, as ``flax.linen.BatchNorm`` does.
+    raises Flax's error, as ``flax.linen.BatchNorm`` does. ``init`` in
+    training mode with one value per feature (a single example before a
+    Dense layer) normalizes with the initial statistics instead of failing:
+    nothing is updated during ``init`` anyway.
 
     Attributes:
       use_running_average: if True, normalize with the stored statistics; if
