@@ -268,10 +268,12 @@ def plot_curves(
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.subplots()
-    for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=name, linewidth=1.5)
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        # Ten colors, then the same colors dashed, so more than ten runs stay distinct.
+        color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]
+        ax.plot(xs, ys, color=color, linestyle=style, label=name, linewidth=1.5)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -279,7 +281,7 @@ def plot_curves(
     if title:
         ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path

@@ -333,10 +333,12 @@ def plot_gradient_norms(
 
     fig = Figure(figsize=(max(6.0, 0.45 * len(layer_names) + 3.0), 5.5), layout="constrained")
     ax = fig.subplots()
-    for run_name, norms in runs.items():
+    for i, (run_name, norms) in enumerate(runs.items()):
         xs = [positions[name] for name in norms]
         ys = [v if np.isfinite(v) and v > 0 else np.nan for v in norms.values()]
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=run_name)
+        # Ten colors, then the same colors dashed, so more than ten runs stay distinct.
+        color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]
+        ax.plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3, label=run_name)
     ax.set_yscale("log")
     ax.set_xticks(range(len(layer_names)), layer_names, rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("layer (input -> output)")
@@ -344,7 +346,7 @@ def plot_gradient_norms(
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
