@@ -414,11 +414,15 @@ def _batch_norm(lib, **kwargs) -> Callable[[bool], nn.Module]:
     return lambda train: lib.BatchNorm(use_running_average=not train, momentum=0.9, **kwargs)
 
 
-def _assert_drop_in(ours: CNN, theirs: CNN, digits) -> dict[str, float]:
-    """Initializes both models from one key, takes one SGD step, evaluates; compares."""
+def _assert_drop_in(ours: CNN, flax_models: dict[str, CNN], digits) -> dict[str, dict]:
+    """Initializes every model from one key, takes one SGD step, evaluates; compares.
+
+    Returns the largest absolute differences from each Flax model.
+    """
     images, labels = digits
     x, y, x_test = images[:32], labels[:32], images[100:164]
     tx = optax.sgd(0.1)
+    models = [ours, *flax_models.values()]
 
     def step_and_eval(model, variables):
         def loss(params):
@@ -432,35 +436,42 @@ def _assert_drop_in(ours: CNN, theirs: CNN, digits) -> dict[str, float]:
         new = {**variables, **state, "params": optax.apply_updates(variables["params"], updates)}
         return new, value, model.apply(new, x_test, False)
 
-    # Both models in one compiled function each for init and step: half the compiles.
-    our_vars, flax_vars = jax.jit(
-        lambda key: (ours.init(key, x, False), theirs.init(key, x, False))
-    )(KEY(0))
-    # Same keys, same parameter tree: every conv and dense kernel identical.
-    chex.assert_trees_all_equal(our_vars["params"], flax_vars["params"])
-    (new_ours, loss_ours, eval_ours), (new_flax, loss_flax, eval_flax) = jax.jit(
-        lambda a, b: (step_and_eval(ours, a), step_and_eval(theirs, b))
-    )(our_vars, flax_vars)
+    # All models in one compiled function for init and one for the step: fewer compiles.
+    initial = jax.jit(lambda key: [m.init(key, x, False) for m in models])(KEY(0))
+    results = jax.jit(lambda vs: [step_and_eval(m, v) for m, v in zip(models, vs, strict=True)])(
+        initial
+    )
+    (new_ours, loss_ours, eval_ours), *flax_results = results
     ours_stats = {k: dict(v) for k, v in new_ours.get("batch_stats", {}).items()}
     for stats in ours_stats.values():
         assert int(stats.pop("count")) == 1
-    diffs = {
-        "loss": _max_abs_diff(loss_ours, loss_flax),
-        "params": _max_abs_diff(new_ours["params"], new_flax["params"]),
-        "batch_stats": _max_abs_diff(ours_stats, new_flax.get("batch_stats", {})),
-        "eval_logits": _max_abs_diff(eval_ours, eval_flax),
-    }
-    chex.assert_trees_all_close(new_ours["params"], new_flax["params"], atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(ours_stats, new_flax.get("batch_stats", {}), atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(eval_ours, eval_flax, atol=1e-4, rtol=1e-4)
+    diffs = {}
+    for name, flax_vars, (new_flax, loss_flax, eval_flax) in zip(
+        flax_models, initial[1:], flax_results, strict=True
+    ):
+        # Same keys, same parameter tree: every conv and dense kernel identical.
+        chex.assert_trees_all_equal(initial[0]["params"], flax_vars["params"])
+        flax_stats = new_flax.get("batch_stats", {})
+        chex.assert_trees_all_close(new_ours["params"], new_flax["params"], atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(ours_stats, flax_stats, atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(eval_ours, eval_flax, atol=1e-4, rtol=1e-4)
+        diffs[name] = {
+            "loss": _max_abs_diff(loss_ours, loss_flax),
+            "params": _max_abs_diff(new_ours["params"], new_flax["params"]),
+            "batch_stats": _max_abs_diff(ours_stats, flax_stats),
+            "eval_logits": _max_abs_diff(eval_ours, eval_flax),
+        }
     return diffs
 
 
 def test_batch_norm_cnn_is_a_drop_in_for_flax(digits):
     ours = CNN((_batch_norm(njl, debias=False),) * 3)
-    theirs = CNN((_batch_norm(nn),) * 3)  # Flax's defaults, fast variance included
-    diffs = _assert_drop_in(ours, theirs, digits)
-    print("linen BatchNorm CNN vs flax.linen, max |diff|:", diffs)
+    flax_models = {
+        "flax default": CNN((_batch_norm(nn),) * 3),
+        "flax use_fast_variance=False": CNN((_batch_norm(nn, use_fast_variance=False),) * 3),
+    }
+    diffs = _assert_drop_in(ours, flax_models, digits)
+    print("linen BatchNorm CNN, max |diff|:", diffs)
 
 
 def test_every_per_sample_norm_in_one_cnn_is_a_drop_in_for_flax(digits):
@@ -472,8 +483,12 @@ def test_every_per_sample_norm_in_one_cnn_is_a_drop_in_for_flax(digits):
             lambda train: lib.RMSNorm(**extra),
         )
 
-    diffs = _assert_drop_in(CNN(norms(njl)), CNN(norms(nn, use_fast_variance=False)), digits)
-    print("linen LN+GN+IN+RMS CNN vs flax.linen (exact variance), max |diff|:", diffs)
+    flax_models = {
+        "flax default": CNN(norms(nn)),
+        "flax use_fast_variance=False": CNN(norms(nn, use_fast_variance=False)),
+    }
+    diffs = _assert_drop_in(CNN(norms(njl)), flax_models, digits)
+    print("linen LN+GN+IN+RMS CNN, max |diff|:", diffs)
 
 
 def test_jit_training_on_digits_lowers_the_loss(digits):

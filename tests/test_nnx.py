@@ -37,6 +37,9 @@ PAIRS = [
 ]
 
 
+FLAX_VARIANTS = {"flax default": {}, "flax use_fast_variance=False": {"use_fast_variance": False}}
+
+
 def _rngs(seed: int = 0) -> nnx.Rngs:
     return nnx.Rngs(KEY(seed))
 
@@ -267,47 +270,53 @@ def _predict(model: CNN, x):
 
 
 @nnx.jit
-def _step_and_evaluate_both(ours, our_optimizer, theirs, their_optimizer, x, y, x_test):
-    """One optimizer step of each model, then each in evaluation mode: one compile for both."""
+def _step_and_evaluate_all(models, optimizers, x, y, x_test):
+    """One optimizer step of each model, then each in evaluation mode: one compile for all."""
     results = []
-    for model, optimizer in ((ours, our_optimizer), (theirs, their_optimizer)):
+    for model, optimizer in zip(models, optimizers, strict=True):
         loss = _step(model, optimizer, x, y)
         evaluator = nnx.view(model, use_running_average=True, raise_if_not_found=False)
         results.append((loss, evaluator(x_test)))
     return results
 
 
-def _assert_drop_in(ours: CNN, theirs: CNN, digits) -> dict[str, float]:
+def _assert_drop_in(ours: CNN, flax_models: dict[str, CNN], digits) -> dict[str, dict]:
+    """One step and evaluation of ours and every Flax model; the largest differences."""
     images, labels = digits
     x, y, x_test = images[:32], labels[:32], images[100:164]
+    models = [ours, *flax_models.values()]
     # Same Rngs, same draws: every conv and linear kernel identical.
-    chex.assert_trees_all_equal(
-        _without_count(nnx.state(ours, nnx.Param)), _without_count(nnx.state(theirs, nnx.Param))
-    )
-    optimizers = [nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param) for m in (ours, theirs)]
-    (loss1, eval1), (loss2, eval2) = _step_and_evaluate_both(
-        ours, optimizers[0], theirs, optimizers[1], x, y, x_test
-    )
+    initial_params = _without_count(nnx.state(ours, nnx.Param))
+    for model in flax_models.values():
+        chex.assert_trees_all_equal(initial_params, _without_count(nnx.state(model, nnx.Param)))
+    optimizers = [nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param) for m in models]
+    (loss1, eval1), *flax_results = _step_and_evaluate_all(models, optimizers, x, y, x_test)
     counts = [v[...] for p, v in nnx.to_flat_state(nnx.state(ours)) if p[-1] == "count"]
     assert all(int(c) == 1 for c in counts)
-    state1, state2 = _without_count(nnx.state(ours)), _without_count(nnx.state(theirs))
-    chex.assert_trees_all_close(state1, state2, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(eval1, eval2, atol=1e-4, rtol=1e-4)
-    return {
-        "loss": _max_abs_diff(loss1, loss2),
-        "params_and_batch_stats": _max_abs_diff(state1, state2),
-        "eval_logits": _max_abs_diff(eval1, eval2),
-    }
+    state1 = _without_count(nnx.state(ours))
+    diffs = {}
+    for (name, model), (loss2, eval2) in zip(flax_models.items(), flax_results, strict=True):
+        state2 = _without_count(nnx.state(model))
+        chex.assert_trees_all_close(state1, state2, atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(eval1, eval2, atol=1e-4, rtol=1e-4)
+        diffs[name] = {
+            "loss": _max_abs_diff(loss1, loss2),
+            "params_and_batch_stats": _max_abs_diff(state1, state2),
+            "eval_logits": _max_abs_diff(eval1, eval2),
+        }
+    return diffs
 
 
 def test_batch_norm_cnn_is_a_drop_in_for_flax_nnx(digits):
     ours = CNN([functools.partial(njx.BatchNorm, momentum=0.9, debias=False)] * 3, rngs=_rngs())
-    theirs = CNN([functools.partial(nnx.BatchNorm, momentum=0.9)] * 3, rngs=_rngs())
-    diffs = _assert_drop_in(ours, theirs, digits)
-    print("nnx BatchNorm CNN vs flax.nnx, max |diff|:", diffs)
+    flax_models = {
+        name: CNN([functools.partial(nnx.BatchNorm, momentum=0.9, **extra)] * 3, rngs=_rngs())
+        for name, extra in FLAX_VARIANTS.items()
+    }
+    print("nnx BatchNorm CNN, max |diff|:", _assert_drop_in(ours, flax_models, digits))
 
 
-def test_every_norm_in_one_cnn_is_a_drop_in_for_flax_nnx(digits):
+def test_every_per_sample_norm_in_one_cnn_is_a_drop_in_for_flax_nnx(digits):
     def norms(lib, **extra):
         return [
             functools.partial(lib.LayerNorm, **extra),
@@ -317,9 +326,10 @@ def test_every_norm_in_one_cnn_is_a_drop_in_for_flax_nnx(digits):
         ]
 
     ours = CNN(norms(njx), rngs=_rngs())
-    theirs = CNN(norms(nnx, use_fast_variance=False), rngs=_rngs())
-    diffs = _assert_drop_in(ours, theirs, digits)
-    print("nnx LN+GN+IN+RMS CNN vs flax.nnx (exact variance), max |diff|:", diffs)
+    flax_models = {
+        name: CNN(norms(nnx, **extra), rngs=_rngs()) for name, extra in FLAX_VARIANTS.items()
+    }
+    print("nnx LN+GN+IN+RMS CNN, max |diff|:", _assert_drop_in(ours, flax_models, digits))
 
 
 def test_nnx_jit_training_on_digits_lowers_the_loss(digits):
