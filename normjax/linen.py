@@ -87,26 +87,20 @@ def _errors_name(module: Any) -> Iterator[None]:
         raise type(error)(f"{_describe(module)}: {error}") from error
 
 
-def _check_feature_shape(
-    module: Any, found: tuple[int, ...], expected: tuple[int, ...], where: str
-) -> None:
-    """Raises if ``x``'s feature shape differs from the shape the module was built for."""
-    if tuple(found) != tuple(expected):
-        raise ValueError(
-            f"{_describe(module)}: `x` has feature shape {tuple(found)} at {where}, "
-            f"but the module's parameters and statistics have shape {tuple(expected)} "
-            "(the input's number of features changed since `init`)."
-        )
-
-
 def _check_stored_shapes(
     module: nn.Module, feature_shape: tuple[int, ...], names: Sequence[tuple[str, str]], where: str
 ) -> None:
-    """Checks every already-initialized variable in ``names`` against ``x``'s feature shape."""
+    """Raises if a variable in ``names`` exists with a shape other than ``x``'s feature shape."""
     for collection, name in names:
-        if module.has_variable(collection, name):
-            stored = meta.unbox(module.get_variable(collection, name))
-            _check_feature_shape(module, feature_shape, tuple(jnp.shape(stored)), where)
+        if not module.has_variable(collection, name):
+            continue
+        stored = tuple(jnp.shape(meta.unbox(module.get_variable(collection, name))))
+        if stored != tuple(feature_shape):
+            raise ValueError(
+                f"{_describe(module)}: `x` has feature shape {tuple(feature_shape)} at {where}, "
+                f"but the module's parameters and statistics have shape {stored} "
+                "(the input's number of features changed since `init`)."
+            )
 
 
 def _scale_and_bias(

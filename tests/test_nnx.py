@@ -153,6 +153,19 @@ def test_batch_norm_under_nnx_vmap_with_axis_name_matches_flax():
     )
 
 
+def test_flat_num_features_over_several_feature_axes_matches_flax_nnx():
+    # Flax NNX keeps one flat (num_features,) vector even for several feature axes.
+    x = 1.0 + jax.random.normal(KEY(0), (2, 3, 4))
+    kwargs = dict(reduction_axes=(1, 2), feature_axes=(1, 2), rngs=_rngs())
+    ours, theirs = njx.LayerNorm(12, **kwargs), nnx.LayerNorm(12, **kwargs)
+    params = np.random.default_rng(0).uniform(0.5, 1.5, (2, 12)).astype(np.float32)
+    for module in (ours, theirs):
+        module.scale[...], module.bias[...] = params
+    y1, y2 = nnx.jit(lambda a, b, x: (a(x), b(x)))(ours, theirs, x)
+    chex.assert_trees_all_close(y1, y2, atol=1e-5, rtol=1e-5)
+    chex.assert_shape(ours.scale[...], (12,))
+
+
 # ----------------------------------------------------------------------------
 # Flax NNX's GroupNorm off the default axes, against numpy float64.
 
