@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import shutil
 from collections.abc import Callable, Sequence
@@ -190,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = _common.make_output_dir(args.out)
     data = _common.load_digits_split(seed=args.seed, image_shape=True)
     model = DigitsCNN(tuple(args.channels), _common.NUM_DIGIT_CLASSES)
-    variables = model.init(jax.random.key(args.seed), data.x_train[:2], train=False)
+    # Compiled: Flax's eager init would compile each small operation on its own.
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.key(args.seed), data.x_train[:2])
     optimizer = optax.adam(args.learning_rate)
     state = {
         "params": variables["params"],
