@@ -1,14 +1,15 @@
 """Data-parallel training with synchronized batch norm, checked against one device.
 
-A batch-normalized MLP is trained on scikit-learn's bundled digits twice from the
-same initialization and on the same batches:
+A batch-normalized MLP is trained on scikit-learn's bundled digits from the
+same initialization and on the same batches (three times, counting the contrast
+below):
 
 - data-parallel: a ``jax.sharding.Mesh`` over the devices with one axis,
   ``"data"``; ``jax.shard_map`` gives each device its slice of the global batch;
   ``normjax.linen.BatchNorm(axis_name="data")`` combines the batch statistics of
-  all devices (one ``psum`` per statistic), and the loss is ``pmean``-ed, so the
-  gradient ``jax.grad`` takes through the ``shard_map`` is the gradient of the
-  whole batch's loss;
+  all devices (collective sums over the axis: counts, sums, squared deviations),
+  and the loss is ``pmean``-ed, so the gradient ``jax.grad`` takes through the
+  ``shard_map`` is the gradient of the whole batch's loss;
 - single device: the same model without ``axis_name``, the whole batch on one
   device.
 
