@@ -459,9 +459,7 @@ class RMSNorm(nn.Module):
             core rejects an argument (the message names the module).
         """
         x = jnp.asarray(x)
-        scale, _ = _per_sample_params(
-            self, x, self.feature_axes, "feature_axes", use_bias=False
-        )
+        scale, _ = _per_sample_params(self, x, self.feature_axes, "feature_axes", use_bias=False)
         with _errors_name(self):
             return nj.rms_norm(
                 x,
@@ -645,4 +643,3 @@ def _per_sample_params(
         bias_init=getattr(module, "bias_init", initializers.zeros),
         param_dtype=module.param_dtype,
     )
-

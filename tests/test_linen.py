@@ -389,6 +389,14 @@ def test_use_running_average_unset_is_flax_error_naming_the_module(cls):
         jax.eval_shape(lambda key: cls(use_running_average=True).init(key, x, False), KEY(0))
 
 
+@pytest.mark.parametrize(
+    "module", [njl.GroupNorm(2, axis_name="d"), njl.InstanceNorm(axis_name="d")]
+)
+def test_axis_name_on_a_per_device_norm_is_refused_by_name(module):
+    with pytest.raises(NotImplementedError, match=rf"{type(module).__name__}.*`axis_name`='d'"):
+        jax.eval_shape(module.init, KEY(0), jnp.ones((2, 3, 4)))
+
+
 def test_group_norm_bad_group_count_names_the_module():
     with pytest.raises(ValueError, match=r"normjax\.linen\.GroupNorm.*`num_groups`=4"):
         jax.eval_shape(njl.GroupNorm(num_groups=4).init, KEY(0), jnp.ones((2, 6)))

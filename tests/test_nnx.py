@@ -225,6 +225,13 @@ def test_mask_of_the_wrong_shape_is_a_clear_error(index):
         jax.eval_shape(lambda x: module(x, mask=mask), x)
 
 
+@pytest.mark.parametrize("cls", [njx.GroupNorm, njx.InstanceNorm])
+def test_axis_name_on_a_per_device_norm_is_refused_by_name(cls):
+    module = cls(4, axis_name="d", rngs=_rngs())
+    with pytest.raises(NotImplementedError, match=rf"{cls.__name__}.*`axis_name`='d'"):
+        jax.eval_shape(lambda x: module(x), jnp.ones((2, 3, 4)))
+
+
 @pytest.mark.parametrize("cls", [njx.BatchNorm, njx.BatchRenorm])
 def test_use_running_average_unset_is_a_clear_error(cls):
     module = cls(3, use_running_average=None, rngs=_rngs())
