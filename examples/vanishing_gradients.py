@@ -303,8 +303,11 @@ def run_config(
     eval_steps, accuracies = [0], [test_accuracy(params, batch_stats)]
     loss_steps, losses = [], []
     running_loss: list[jax.Array] = []
-    bar = tqdm(range(1, steps + 1), desc=config.label, leave=False, disable=not progress)
-    for step in bar:
+    kernel_norms: dict[str, float] = {}
+    # A manual bar: iterating tqdm over the steps would show a stale count whenever
+    # set_postfix redraws it between tqdm's own (rate-limited) refreshes.
+    bar = tqdm(total=steps, desc=config.label, leave=False, disable=not progress)
+    for step in range(1, steps + 1):
         x, y = next(batches)
         params, batch_stats, opt_state, loss, grads = train_step(
             params, batch_stats, opt_state, x, y
@@ -324,7 +327,10 @@ def run_config(
             running_loss = []
             eval_steps.append(step)
             accuracies.append(test_accuracy(params, batch_stats))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", test_acc=f"{accuracies[-1]:.3f}")
+            bar.set_postfix(
+                loss=f"{losses[-1]:.3f}", test_acc=f"{accuracies[-1]:.3f}", refresh=False
+            )
+        bar.update()
     bar.close()
 
     # The first evaluation at or above 90% test accuracy: how fast it learns.
