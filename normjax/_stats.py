@@ -213,9 +213,11 @@ def moments(
     Returns:
       :class:`Moments`, each of x's rank with size-1 reduced axes.
     """
+    x_in = x  # the rescaled branch converts its own copy: a float32 x captured by
+    # the lax.cond would be materialized at full size for a bfloat16 input.
     x = x.astype(stat_dtype(x.dtype))
 
-    def stats(scale: Array | None) -> Moments:
+    def stats(x: Array, scale: Array | None) -> Moments:
         xs = x if scale is None else x / scale
         n, mean, var = _combine(
             *_local_moments(xs, axes, mask, center), axis_name, axis_index_groups, center
@@ -228,9 +230,10 @@ def moments(
         inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
         return Moments(mean * scale, var * lax.square(scale), inv_std, n)
 
-    plain = stats(None)
+    plain = stats(x, None)
 
     def rescaled(_: Any) -> Moments:
+        x = x_in.astype(stat_dtype(x_in.dtype))
         # The scale is a constant to autodiff (pmax has no derivative rule).
         absx = jnp.abs(lax.stop_gradient(x))
         absx = absx if mask is None else jnp.where(mask, absx, 0)
@@ -238,7 +241,7 @@ def moments(
         if axis_name is not None:
             scale = lax.pmax(scale, axis_name, axis_index_groups=axis_index_groups)
         scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
-        return stats(lax.stop_gradient(scale))
+        return stats(x, lax.stop_gradient(scale))
 
     overflowed = jnp.any(jnp.isinf(plain.var)) & jnp.all(jnp.isfinite(plain.mean))
     if axis_name is not None:
