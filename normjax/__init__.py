@@ -12,15 +12,21 @@ from normjax.layer_norm import group_norm, instance_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
+# The Flax modules and diagnostics import the core above, so they come last.
+from normjax import diagnostics, linen, nnx  # noqa: E402
+
 __all__ = [
     "BatchNormState",
     "batch_norm",
     "batch_norm_state",
     "batch_renorm",
+    "diagnostics",
     "fold_batch_norm",
     "group_norm",
     "initializers",
     "instance_norm",
     "layer_norm",
+    "linen",
+    "nnx",
     "rms_norm",
 ]
