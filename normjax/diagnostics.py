@@ -58,6 +58,9 @@ def _key_name(key: Any) -> str:
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        # A flax.nnx Variable flattens to its `.value`; the variable's own path names it.
+        path = path[:-1]
     names = [_key_name(k) for k in path]
     if names and names[0] in _COLLECTION_NAMES:
         names = names[1:]
@@ -78,7 +81,8 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     """Computes the L2 (Frobenius) norm of every array in a gradient pytree.
 
     Keys are the leaves' paths joined by ``/``, without a leading Flax collection
-    name: ``{"params": {"Dense_0": {"kernel": g}}}`` gives ``"Dense_0/kernel"``.
+    name: ``{"params": {"Dense_0": {"kernel": g}}}`` gives ``"Dense_0/kernel"``; a
+    ``flax.nnx`` gradient State gives ``"layers/0/kernel"`` (no trailing ``value``).
     Entries come in layer order: path components are compared with their numbers
     read as numbers, so ``Dense_10`` follows ``Dense_9``. (``jax.grad`` returns dicts
     with sorted keys, so a model's call order across *different* layer types, e.g.

@@ -131,6 +131,36 @@ def test_gradient_norms_of_a_two_layer_linear_model_match_the_closed_form():
     np.testing.assert_allclose(list(norms.values()), list(expected.values()), rtol=2e-5)
 
 
+def test_gradient_norms_of_an_nnx_model_are_keyed_by_the_variable_path():
+    """For L = sum(x W + b) over a batch, dL/dW = x^T 1 and dL/db = n * 1."""
+    from flax import nnx
+
+    class Chain(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(11)])
+
+        def __call__(self, x):
+            return self.layers[10](x)  # only the last layer is used: closed-form grads
+
+    x = np.arange(12.0).reshape(4, 3) / 10.0
+    model = Chain(nnx.Rngs(0))
+    grads = nnx.grad(lambda m: m(jnp.asarray(x, jnp.float32)).sum())(model)
+
+    norms = diagnostics.gradient_norms(grads)
+
+    assert list(norms)[-4:] == [
+        "layers/9/bias",
+        "layers/9/kernel",
+        "layers/10/bias",
+        "layers/10/kernel",
+    ]
+    np.testing.assert_allclose(
+        norms["layers/10/kernel"], _reference_norm(x.T @ np.ones((4, 3))), rtol=1e-6
+    )
+    np.testing.assert_allclose(norms["layers/10/bias"], _reference_norm(np.full(3, 4.0)))
+    assert norms["layers/0/kernel"] == 0.0
+
+
 def test_gradient_norms_rejects_a_non_numeric_leaf_naming_its_path():
     with pytest.raises(TypeError, match=r"Dense_0/kernel.*dtype"):
         diagnostics.gradient_norms({"params": {"Dense_0": {"kernel": np.array(["a"])}}})
