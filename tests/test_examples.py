@@ -64,9 +64,15 @@ def test_cnn_batchnorm_checkpoints_resumes_and_folds(tmp_path):
 def test_small_batch_table_and_batch_of_one_error(tmp_path):
     small_batch = _import_example("small_batch")
     rows = small_batch.main(
-        ["--norms", "layer", "--batch-sizes", "16", "--epochs", "1", "--out", str(tmp_path)]
+        ["--norms", "layer", "--batch-sizes", "16", "--epochs", "1", "--seeds", "0", "1",
+         "--out", str(tmp_path)]  # fmt: skip
     )
-    assert [(r["norm"], r["batch_size"]) for r in rows] == [("LayerNorm", 16)]
+    assert [(r["norm"], r["batch_size"], r["seed"]) for r in rows] == [
+        ("LayerNorm", 16, 0),
+        ("LayerNorm", 16, 1),
+    ]
+    # The two seeds train side by side under vmap but from different initializations.
+    assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]
     for row in rows:
         # One epoch of SGD on digits: far above chance (10%).
         assert row["test_accuracy"] > 0.5, row
@@ -75,8 +81,10 @@ def test_small_batch_table_and_batch_of_one_error(tmp_path):
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["batch_of_one"].startswith("ValueError")
     assert "one value per feature" in written["batch_of_one"]
+    expected_mean = np.mean([r["test_accuracy"] for r in rows])
+    assert written["test_accuracy"]["LayerNorm"]["16"] == pytest.approx(expected_mean)
     with (tmp_path / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 1
+        assert len(list(csv.DictReader(f))) == 2
     assert _is_png(tmp_path / "accuracy_vs_batch.png")
 
 
