@@ -1,20 +1,21 @@
 """The one place where normjax computes means, variances and reciprocal stds.
 
-Every normalization op calls :func:`moments` for its statistics and
-:func:`normalize` to apply them, so the numerics are fixed once:
+Every normalization op calls :func:`moments` (or :func:`standardize`, which
+adds the analytic derivative) for its statistics and :func:`normalize` to
+apply them, so the numerics are fixed once:
 
 * Statistics are accumulated in at least float32, whatever the input dtype.
-* The variance is the mean of squared deviations from a shift, never
-  ``E[x^2] - E[x]^2``: data with mean 1e4 and std 1 keeps its std. The shift
-  is one sample of the data (a constant row is then exactly constant: its
-  variance is exactly 0), or 0 where a mask could hide that sample.
-* Across devices the per-device (count, mean, M2) triples are combined with
-  Chan et al.'s parallel formula: exact over the union of all devices'
+* The variance is the mean of squared deviations from the mean, in two
+  passes, never ``E[x^2] - E[x]^2``: data with mean 1e4 and std 1 keeps its
+  std. The mean is held as a shift (one sample of the data) plus an offset,
+  so a constant set is exactly constant (variance exactly 0) and the
+  normalized output keeps the precision of the deviations.
+* Squared deviations are divided by a power of two above the largest
+  deviation, so inputs of magnitude 1e30 do not overflow float32. The scale
+  is exact and comes out of the first pass: no branch, nothing to pay.
+* Across devices the sums and counts are combined with ``psum`` in both
+  passes, so the statistics are exact over the union of all devices'
   masked entries, not a mean of per-device means.
-* Inputs so large that squared deviations overflow float32 (|x| ~ 1e30) are
-  rescaled per group before squaring. The rescaled branch sits behind a
-  ``lax.cond`` on the finiteness of the plain statistics, so the common case
-  pays nothing for it.
 
 References:
   Chan, Golub and LeVeque, "Algorithms for computing the sample variance:
@@ -38,19 +39,29 @@ Axes = int | Sequence[int]
 class Moments(NamedTuple):
     """Statistics of ``x`` over the reduced axes, kept as size-1 dimensions.
 
+    The mean is held as ``shift + offset``: normalization subtracts the two
+    one after the other, so data far from zero (1e4 + N(0, 1)) keeps the
+    precision its deviations have, not that of its mean rounded to float32.
+
     Attributes:
-      mean: the mean (zeros when the moments are uncentered).
+      shift: a constant near the mean (no gradient); zeros when uncentered.
+      offset: the mean minus ``shift``; zeros when uncentered.
       var: the biased variance (the mean square when uncentered). May be
         ``inf`` when it exceeds float32's range; ``inv_std`` stays exact then.
       inv_std: ``1 / sqrt(var + epsilon)``, computed without overflow.
       count: the number of entries each statistic was computed from
-        (after the mask and the cross-device sum), as float32.
+        (after the mask and the cross-device sum), in the statistics' dtype.
     """
 
-    mean: Array
+    shift: Array
+    offset: Array
     var: Array
     inv_std: Array
     count: Array
+
+    @property
+    def mean(self) -> Array:
+        return self.shift + self.offset
 
 
 # ----------------------------------------------------------------------------
@@ -129,33 +140,12 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 # Statistics.
 
 
-def _local_moments(
-    x: Array, axes: tuple[int, ...], mask: Array | None, center: bool
-) -> tuple[Array, Array, Array]:
-    """Per-device (count, mean, M2) over ``axes``, keepdims, in x's dtype."""
-    if mask is None:
-        n = jnp.asarray(float(np.prod([x.shape[a] for a in axes])), x.dtype)
-        n = jnp.broadcast_to(n, tuple(1 if a in axes else d for a, d in enumerate(x.shape)))
-        if not center:
-            return n, jnp.zeros_like(n), jnp.sum(lax.square(x), axes, keepdims=True)
-        # Two passes: the mean, then the squared deviations from it. Summing
-        # deviations from one sample (not x itself) makes the mean of a constant
-        # row exactly that constant, so its variance is exactly 0. Each pass
-        # reads x afresh (no shared ``x - shift`` intermediate): XLA then fuses
-        # each into one reduction kernel instead of writing a full-size buffer.
-        shift = lax.stop_gradient(_first(x, axes))
-        mean = shift + jnp.sum(x - shift, axes, keepdims=True) / n
-        m2 = jnp.sum(lax.square(x - mean), axes, keepdims=True)
-        return n, mean, m2
-    w = mask
-    n = jnp.sum(w, axes, keepdims=True, dtype=x.dtype)
-    safe_n = jnp.maximum(n, 1)
-    xm = jnp.where(w, x, 0)
-    if not center:
-        return n, jnp.zeros_like(n), jnp.sum(lax.square(xm), axes, keepdims=True)
-    mean = jnp.sum(xm, axes, keepdims=True) / safe_n
-    m2 = jnp.sum(jnp.where(w, lax.square(x - mean), 0), axes, keepdims=True)
-    return n, mean, m2
+def _psum(v: Any, axis_name: Hashable | None, groups: Any) -> Any:
+    return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=groups)
+
+
+def _pmax(v: Array, axis_name: Hashable | None, groups: Any) -> Array:
+    return v if axis_name is None else lax.pmax(v, axis_name, axis_index_groups=groups)
 
 
 def _first(x: Array, axes: tuple[int, ...]) -> Array:
@@ -165,26 +155,102 @@ def _first(x: Array, axes: tuple[int, ...]) -> Array:
     return x
 
 
-def _combine(
-    n: Array,
-    mean: Array,
-    m2: Array,
-    axis_name: Hashable | None,
-    axis_index_groups: Any,
-    center: bool,
+def _power_of_two_above(a: Array) -> Array:
+    """The smallest power of two >= ``a``, and 1 where ``a <= 1``.
+
+    Dividing by a power of two is exact, so rescaling by it changes no
+    rounding: it only keeps squares of huge values inside the float range.
+    """
+    _, exponent = jnp.frexp(a)
+    return jnp.where(a > 1, jnp.ldexp(jnp.ones_like(a), exponent), 1).astype(a.dtype)
+
+
+def _count(
+    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+) -> Array:
+    if mask is None:
+        n = jnp.full(_reduced_shape(x.shape, axes), np.prod([x.shape[a] for a in axes]), x.dtype)
+    else:
+        n = jnp.sum(mask, axes, keepdims=True, dtype=x.dtype)
+    return _psum(n, axis_name, groups)
+
+
+def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if a in axes else d for a, d in enumerate(shape))
+
+
+def _centered(
+    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+) -> tuple[Array, Array, Array, Array, Array]:
+    """(count, shift, offset, scaled variance, scale): mean = shift + offset,
+    variance = scaled variance * scale^2.
+
+    Two passes over x. The first finds the offset of the mean from a shift,
+    and the largest deviation; the second sums squared deviations from the
+    mean, divided by a power of two above the largest deviation so that they
+    cannot overflow. Normalization subtracts shift and offset separately, so
+    the mean's precision is not capped by rounding it to x's dtype.
+    """
+    n = _count(x, axes, mask, axis_name, groups)
+    safe_n = jnp.maximum(n, 1)
+    xc = lax.stop_gradient(x)
+    if mask is None:
+        # One sample of the data as the shift: a constant set is then exactly
+        # constant (offset 0, variance 0). Across devices every device must use
+        # the same shift; the largest first sample is one of the samples.
+        shift = _pmax(lax.stop_gradient(_first(x, axes)), axis_name, groups)
+        offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
+        largest = _pmax(jnp.max(jnp.abs(xc - shift), axes, keepdims=True), axis_name, groups)
+        inv_scale = 1 / _power_of_two_above(largest)
+        m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
+        return n, shift, offset, _psum(m2, axis_name, groups) / safe_n, 1 / inv_scale
+    # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean of
+    # the counted entries, and the second pass corrects for its rounding
+    # (Chan, Golub and LeVeque's corrected two-pass algorithm).
+    total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
+    shift = lax.stop_gradient(total / safe_n)
+    largest = jnp.max(jnp.where(mask, jnp.abs(xc), 0), axes, keepdims=True)
+    inv_scale = 1 / _power_of_two_above(_pmax(largest, axis_name, groups))
+    d = jnp.where(mask, x - shift, 0)
+    sum_sq = jnp.sum(lax.square(d * inv_scale), axes, keepdims=True)
+    sum_d, sum_sq = _psum((jnp.sum(d, axes, keepdims=True), sum_sq), axis_name, groups)
+    offset = sum_d / safe_n
+    var = jnp.maximum(sum_sq / safe_n - lax.square(offset * inv_scale), 0)
+    return n, shift, offset, var, 1 / inv_scale
+
+
+def _mean_square(
+    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
 ) -> tuple[Array, Array, Array]:
-    """Total (count, mean, biased var) over all devices on ``axis_name``."""
-    if axis_name is None:
-        safe_n = jnp.maximum(n, 1)
-        return n, mean, m2 / safe_n
-    psum = lambda v: lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
-    total_n, total_sum = psum((n, n * mean))
-    safe_n = jnp.maximum(total_n, 1)
-    global_mean = total_sum / safe_n
-    if center:
-        # Chan et al.: M2 = sum_i M2_i + n_i (mean_i - mean)^2.
-        m2 = m2 + n * lax.square(mean - global_mean)
-    return total_n, global_mean, psum(m2) / safe_n
+    """(count, scaled mean square, scale), mean square = scaled * scale^2.
+
+    One pass in the common case; a second, rescaled one behind a ``lax.cond``
+    only when a square overflowed.
+    """
+    n = _count(x, axes, mask, axis_name, groups)
+    safe_n = jnp.maximum(n, 1)
+    xm = x if mask is None else jnp.where(mask, x, 0)
+
+    def mean_square(inv_scale: Array) -> Array:
+        sq = jnp.sum(lax.square(xm * inv_scale), axes, keepdims=True)
+        return _psum(sq, axis_name, groups) / safe_n
+
+    one = jnp.ones((), x.dtype)
+    plain = mean_square(one)
+
+    def rescaled(_: Any) -> tuple[Array, Array]:
+        largest = jnp.max(jnp.abs(lax.stop_gradient(xm)), axes, keepdims=True)
+        scale = _power_of_two_above(_pmax(largest, axis_name, groups))
+        return mean_square(1 / scale), scale
+
+    overflowed = jnp.any(jnp.isinf(plain))
+    if axis_name is not None:
+        # Every device must take the same branch: the branches hold collectives.
+        overflowed = lax.psum(overflowed.astype(jnp.int32), axis_name) > 0
+    ms, scale = lax.cond(
+        overflowed, rescaled, lambda _: (plain, jnp.ones_like(plain)), None
+    )
+    return n, ms, scale
 
 
 def moments(
@@ -206,48 +272,27 @@ def moments(
       epsilon: added to the variance inside ``inv_std``.
       mask: optional boolean array of x's shape; only True entries count.
       axis_name: reduce across devices on this named axis too (pmap,
-        shard_map, vmap).
+        shard_map, vmap): the statistics are those of the union of every
+        device's counted entries.
       axis_index_groups: as in ``lax.psum``.
       center: False gives the uncentered mean square (RMS norm).
 
     Returns:
-      :class:`Moments`, each of x's rank with size-1 reduced axes.
+      :class:`Moments`, each of x's rank with size-1 reduced axes. A group
+      with no counted entry has ``inv_std`` 0, so it normalizes to the bias.
     """
-    x_in = x  # the rescaled branch converts its own copy: a float32 x captured by
-    # the lax.cond would be materialized at full size for a bfloat16 input.
     x = x.astype(stat_dtype(x.dtype))
-
-    def stats(x: Array, scale: Array | None) -> Moments:
-        xs = x if scale is None else x / scale
-        n, mean, var = _combine(
-            *_local_moments(xs, axes, mask, center), axis_name, axis_index_groups, center
-        )
-        if scale is None:
-            return Moments(mean, var, inverse_std(var, epsilon), n)
-        # x = scale * xs: rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale,
-        # floored at the smallest normal so a zero variance stays finite.
-        tiny = jnp.finfo(x.dtype).tiny
-        inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
-        return Moments(mean * scale, var * lax.square(scale), inv_std, n)
-
-    plain = stats(x, None)
-
-    def rescaled(_: Any) -> Moments:
-        x = x_in.astype(stat_dtype(x_in.dtype))
-        # The scale is a constant to autodiff (pmax has no derivative rule).
-        absx = jnp.abs(lax.stop_gradient(x))
-        absx = absx if mask is None else jnp.where(mask, absx, 0)
-        scale = jnp.max(absx, axes, keepdims=True)
-        if axis_name is not None:
-            scale = lax.pmax(scale, axis_name, axis_index_groups=axis_index_groups)
-        scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
-        return stats(x, lax.stop_gradient(scale))
-
-    overflowed = jnp.any(jnp.isinf(plain.var)) & jnp.all(jnp.isfinite(plain.mean))
-    if axis_name is not None:
-        # Every device must take the same branch: the branches hold collectives.
-        overflowed = lax.psum(overflowed.astype(jnp.int32), axis_name) > 0
-    return lax.cond(overflowed, rescaled, lambda _: plain, None)
+    if center:
+        n, shift, offset, var, scale = _centered(x, axes, mask, axis_name, axis_index_groups)
+    else:
+        n, var, scale = _mean_square(x, axes, mask, axis_name, axis_index_groups)
+        shift = offset = jnp.zeros_like(var)
+    # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
+    # floored at the smallest normal so that a zero variance stays finite.
+    tiny = jnp.finfo(x.dtype).tiny
+    inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
+    inv_std = jnp.where(n > 0, inv_std, 0)
+    return Moments(shift, offset, var * lax.square(scale), inv_std, n)
 
 
 def normalize(
@@ -268,7 +313,7 @@ def normalize(
     mul = stats.inv_std
     if scale is not None:
         mul = mul * _broadcast_feature(scale, x.ndim, feature_axes).astype(compute_dtype)
-    y = (x.astype(compute_dtype) - stats.mean) * mul
+    y = ((x.astype(compute_dtype) - stats.shift) - stats.offset) * mul
     if bias is not None:
         y = y + _broadcast_feature(bias, x.ndim, feature_axes).astype(compute_dtype)
     return y.astype(dtype)
@@ -336,7 +381,7 @@ def standardize(
         cdt = stats.inv_std.dtype
         inv = stats.inv_std
         xc = x.astype(cdt)
-        xhat = ((xc - stats.mean) if center else xc) * inv
+        xhat = ((xc - stats.shift) - stats.offset) * inv
         dxc = dx.astype(cdt)
 
         def counted_mean(v: Array) -> Array:
@@ -356,9 +401,12 @@ def standardize(
         s = counted_mean(xhat * u)
         mean_u = counted_mean(u) if center else None
         dxhat = (u - mean_u if center else u) - xhat * s
+        # A group with nothing counted has inv_std 0 and no statistics to move.
+        safe_inv = jnp.where(inv > 0, inv, 1)
         dstats = Moments(
-            mean=mean_u / inv if center else jnp.zeros_like(stats.mean),
-            var=2 * s / lax.square(inv),
+            shift=jnp.zeros_like(stats.shift),
+            offset=mean_u / safe_inv if center else jnp.zeros_like(stats.offset),
+            var=2 * s / lax.square(safe_inv),
             inv_std=-inv * s,
             count=jnp.zeros_like(stats.count),
         )
@@ -394,4 +442,4 @@ def running_moments(
     dtype = jnp.promote_types(stat_dtype(x.dtype), jnp.result_type(mean))
     mean = _broadcast_feature(mean, x.ndim, feature_axes).astype(dtype)
     var = _broadcast_feature(var, x.ndim, feature_axes).astype(dtype)
-    return Moments(mean, var, inverse_std(var, epsilon), jnp.zeros((), dtype))
+    return Moments(mean, jnp.zeros_like(mean), var, inverse_std(var, epsilon), jnp.zeros((), dtype))

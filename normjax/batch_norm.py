@@ -307,7 +307,7 @@ def batch_renorm(
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
     # (x - mu_B) * inv_B * r + d  ==  (x - (mu_B - d / (inv_B * r))) * (inv_B * r).
     inv_std = batch.inv_std * r
-    corrected = batch._replace(mean=batch.mean - d / inv_std, inv_std=inv_std)
+    corrected = batch._replace(offset=batch.offset - d / inv_std, inv_std=inv_std)
     y = _stats.normalize(p.x, corrected, scale, bias, p.feature_axes, out_dtype)
     new_state = _update_state(
         state, batch, p.feature_shape, momentum=momentum, debias=debias,
