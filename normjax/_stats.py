@@ -10,9 +10,10 @@ apply them, so the numerics are fixed once:
   std. The mean is held as a shift (one sample of the data) plus an offset,
   so a constant set is exactly constant (variance exactly 0) and the
   normalized output keeps the precision of the deviations.
-* Squared deviations are divided by a power of two above the largest
-  deviation, so inputs of magnitude 1e30 do not overflow float32. The scale
-  is exact and comes out of the first pass: no branch, nothing to pay.
+* Deviations are divided by the largest |x| (when above 1) before they are
+  squared, so inputs of magnitude 1e30 do not overflow float32. The scale
+  comes out of the first pass with no branch, so XLA still fuses the
+  statistics and the normalization into one kernel.
 * Across devices the sums and counts are combined with ``psum`` in both
   passes, so the statistics are exact over the union of all devices'
   masked entries, not a mean of per-device means.
@@ -155,14 +156,14 @@ def _first(x: Array, axes: tuple[int, ...]) -> Array:
     return x
 
 
-def _power_of_two_above(a: Array) -> Array:
-    """The smallest power of two >= ``a``, and 1 where ``a <= 1``.
+def _scale_above(largest: Array) -> Array:
+    """A divisor that keeps squares of values up to ``largest`` inside the float range.
 
-    Dividing by a power of two is exact, so rescaling by it changes no
-    rounding: it only keeps squares of huge values inside the float range.
+    It is 1 for ordinary data (nothing is rescaled), and ``largest`` itself
+    above 1: the squares of the rescaled values are then at most 4, and the
+    one extra rounding it costs is far below the statistics' own.
     """
-    _, exponent = jnp.frexp(a)
-    return jnp.where(a > 1, jnp.ldexp(jnp.ones_like(a), exponent), 1).astype(a.dtype)
+    return jnp.maximum(largest, 1)
 
 
 def _count(
@@ -186,10 +187,10 @@ def _centered(
     variance = scaled variance * scale^2.
 
     Two passes over x. The first finds the offset of the mean from a shift,
-    and the largest deviation; the second sums squared deviations from the
-    mean, divided by a power of two above the largest deviation so that they
-    cannot overflow. Normalization subtracts shift and offset separately, so
-    the mean's precision is not capped by rounding it to x's dtype.
+    and the largest |x|; the second sums squared deviations from the mean,
+    divided by the largest |x| (when above 1) so that they cannot overflow.
+    Normalization subtracts shift and offset separately, so the mean's
+    precision is not capped by rounding it to x's dtype.
     """
     n = _count(x, axes, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
@@ -200,8 +201,11 @@ def _centered(
         # the same shift; the largest first sample is one of the samples.
         shift = _pmax(lax.stop_gradient(_first(x, axes)), axis_name, groups)
         offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
-        largest = _pmax(jnp.max(jnp.abs(xc - shift), axes, keepdims=True), axis_name, groups)
-        inv_scale = 1 / _power_of_two_above(largest)
+        # The largest |x| rather than |x - shift|: a different expression from
+        # the sums', so XLA fuses all three reductions and the normalization
+        # into one kernel instead of writing x - shift out in full.
+        largest = _pmax(jnp.max(jnp.abs(xc), axes, keepdims=True), axis_name, groups)
+        inv_scale = 1 / _scale_above(largest)
         m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
         return n, shift, offset, _psum(m2, axis_name, groups) / safe_n, 1 / inv_scale
     # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean of
@@ -210,7 +214,7 @@ def _centered(
     total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
     shift = lax.stop_gradient(total / safe_n)
     largest = jnp.max(jnp.where(mask, jnp.abs(xc), 0), axes, keepdims=True)
-    inv_scale = 1 / _power_of_two_above(_pmax(largest, axis_name, groups))
+    inv_scale = 1 / _scale_above(_pmax(largest, axis_name, groups))
     d = jnp.where(mask, x - shift, 0)
     sum_sq = jnp.sum(lax.square(d * inv_scale), axes, keepdims=True)
     sum_d, sum_sq = _psum((jnp.sum(d, axes, keepdims=True), sum_sq), axis_name, groups)
@@ -240,7 +244,7 @@ def _mean_square(
 
     def rescaled(_: Any) -> tuple[Array, Array]:
         largest = jnp.max(jnp.abs(lax.stop_gradient(xm)), axes, keepdims=True)
-        scale = _power_of_two_above(_pmax(largest, axis_name, groups))
+        scale = _scale_above(_pmax(largest, axis_name, groups))
         return mean_square(1 / scale), scale
 
     overflowed = jnp.any(jnp.isinf(plain))
