@@ -149,6 +149,21 @@ def _pmax(v: Array, axis_name: Hashable | None, groups: Any) -> Array:
     return v if axis_name is None else lax.pmax(v, axis_name, axis_index_groups=groups)
 
 
+def _shared_sample(sample: Array, axis_name: Hashable | None, groups: Any) -> Array:
+    """One device's ``sample`` on every device of ``axis_name``.
+
+    The first device's, so that a batch split across devices in order is
+    shifted exactly as on one device; within index groups, the largest
+    (one of the samples all the same).
+    """
+    if axis_name is None:
+        return sample
+    if groups is not None:
+        return lax.pmax(sample, axis_name, axis_index_groups=groups)
+    first = lax.axis_index(axis_name) == 0
+    return lax.psum(jnp.where(first, sample, 0), axis_name)
+
+
 def _first(x: Array, axes: tuple[int, ...]) -> Array:
     """The entry at index 0 of every axis in ``axes``, keepdims."""
     for a in axes:
@@ -199,7 +214,7 @@ def _centered(
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0). Across devices every device must use
         # the same shift; the largest first sample is one of the samples.
-        shift = _pmax(lax.stop_gradient(_first(x, axes)), axis_name, groups)
+        shift = _shared_sample(lax.stop_gradient(_first(x, axes)), axis_name, groups)
         offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
         # The largest |x| rather than |x - shift|: a different expression from
         # the sums', so XLA fuses all three reductions and the normalization
