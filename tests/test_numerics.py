@@ -98,6 +98,35 @@ def test_stable_variance_on_large_mean(name, record_property):
     np.testing.assert_allclose(y, case.reference(x, None, None), atol=1e-3)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_large_mean_keeps_the_precision_of_the_deviations(name):
+    # float32 rounds a mean of 1e4 to within 5e-4; subtracting that rounded mean
+    # would put errors of ~5e-4 (in units of the std) into every output. The
+    # deviations themselves are exact to ~1e-7 of the std, and so must the output be.
+    case = CASES[name]
+    x = (1e4 + _normal(3, case.shape)).astype(np.float32)
+    y = np.asarray(case.op(x, None, None), np.float64)
+    np.testing.assert_allclose(y, case.reference(x, None, None), rtol=0, atol=2e-5)
+
+
+def test_fully_masked_set_gives_bias_and_finite_gradient():
+    # A set with no counted entry has no statistics: it normalizes to the bias
+    # (as a constant set does), never to x / sqrt(epsilon) or NaN.
+    x = jnp.asarray(_normal(4, (3, 5)))
+    mask = jnp.asarray([[True] * 5, [False] * 5, [True, False, True, False, True]])
+    bias = jnp.arange(5.0)
+    y = nj.layer_norm(x, None, bias, mask=mask)
+    np.testing.assert_array_equal(np.asarray(y[1]), np.arange(5.0))
+    counted = np.asarray(mask[2])
+    row = np.asarray(x[2], np.float64)
+    mean, var = row[counted].mean(), row[counted].var()
+    np.testing.assert_allclose(np.asarray(y[2]), (row - mean) / np.sqrt(var + 1e-6) + np.arange(5),
+                               rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(nj.layer_norm(x, None, bias, mask=mask) ** 2))(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_array_equal(np.asarray(grad[1]), np.zeros(5))
+
+
 def test_stable_variance_state_of_batch_norm():
     x = (1e4 + _normal(1, (64, 4))).astype(np.float32)
     _, state = nj.batch_norm(x, nj.batch_norm_state(4), training=True)
