@@ -10,10 +10,9 @@ apply them, so the numerics are fixed once:
   std. The mean is held as a shift (one sample of the data) plus an offset,
   so a constant set is exactly constant (variance exactly 0) and the
   normalized output keeps the precision of the deviations.
-* Deviations are divided by the largest |x| (when above 1) before they are
-  squared, so inputs of magnitude 1e30 do not overflow float32. The scale
-  comes out of the first pass with no branch, so XLA still fuses the
-  statistics and the normalization into one kernel.
+* Where squared deviations overflow float32 (|x| ~ 1e30), they are summed
+  again divided by the largest |x|. That pass sits behind a ``lax.cond`` on
+  the finiteness of the plain statistics, so ordinary data does not pay for it.
 * Across devices the sums and counts are combined with ``psum`` in both
   passes, so the statistics are exact over the union of all devices'
   masked entries, not a mean of per-device means.
@@ -25,7 +24,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -201,51 +200,45 @@ def _centered(
     """(count, shift, offset, scaled variance, scale): mean = shift + offset,
     variance = scaled variance * scale^2.
 
-    Two passes over x. The first finds the offset of the mean from a shift,
-    and the largest |x|; the second sums squared deviations from the mean,
-    divided by the largest |x| (when above 1) so that they cannot overflow.
-    Normalization subtracts shift and offset separately, so the mean's
-    precision is not capped by rounding it to x's dtype.
+    Two passes over x: the offset of the mean from a shift, then the squared
+    deviations from the mean. Normalization subtracts shift and offset
+    separately, so the mean's precision is not capped by rounding it to x's
+    dtype.
     """
     n = _count(x, axes, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
-    xc = lax.stop_gradient(x)
     if mask is None:
         # One sample of the data as the shift: a constant set is then exactly
-        # constant (offset 0, variance 0). Across devices every device must use
-        # the same shift; the largest first sample is one of the samples.
+        # constant (offset 0, variance 0).
         shift = _shared_sample(lax.stop_gradient(_first(x, axes)), axis_name, groups)
         offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
-        # The largest |x| rather than |x - shift|: a different expression from
-        # the sums', so XLA fuses all three reductions and the normalization
-        # into one kernel instead of writing x - shift out in full.
-        largest = _pmax(jnp.max(jnp.abs(xc), axes, keepdims=True), axis_name, groups)
-        inv_scale = 1 / _scale_above(largest)
-        m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
-        return n, shift, offset, _psum(m2, axis_name, groups) / safe_n, 1 / inv_scale
+
+        def mean_square(inv_scale: Array) -> Array:
+            m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
+            return _psum(m2, axis_name, groups) / safe_n
+
+        var, scale = _without_overflow(mean_square, x, axes, axis_name, groups)
+        return n, shift, offset, var, scale
     # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean of
-    # the counted entries, and the second pass corrects for its rounding
-    # (Chan, Golub and LeVeque's corrected two-pass algorithm).
+    # the counted entries, and the offset corrects for its rounding (Chan,
+    # Golub and LeVeque's corrected two-pass algorithm).
     total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
     shift = lax.stop_gradient(total / safe_n)
-    largest = jnp.max(jnp.where(mask, jnp.abs(xc), 0), axes, keepdims=True)
-    inv_scale = 1 / _scale_above(_pmax(largest, axis_name, groups))
     d = jnp.where(mask, x - shift, 0)
-    sum_sq = jnp.sum(lax.square(d * inv_scale), axes, keepdims=True)
-    sum_d, sum_sq = _psum((jnp.sum(d, axes, keepdims=True), sum_sq), axis_name, groups)
-    offset = sum_d / safe_n
-    var = jnp.maximum(sum_sq / safe_n - lax.square(offset * inv_scale), 0)
-    return n, shift, offset, var, 1 / inv_scale
+    offset = _psum(jnp.sum(d, axes, keepdims=True), axis_name, groups) / safe_n
+
+    def corrected_mean_square(inv_scale: Array) -> Array:
+        sq = _psum(jnp.sum(lax.square(d * inv_scale), axes, keepdims=True), axis_name, groups)
+        return jnp.maximum(sq / safe_n - lax.square(offset * inv_scale), 0)
+
+    var, scale = _without_overflow(corrected_mean_square, d, axes, axis_name, groups)
+    return n, shift, offset, var, scale
 
 
 def _mean_square(
     x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
 ) -> tuple[Array, Array, Array]:
-    """(count, scaled mean square, scale), mean square = scaled * scale^2.
-
-    One pass in the common case; a second, rescaled one behind a ``lax.cond``
-    only when a square overflowed.
-    """
+    """(count, scaled mean square, scale), mean square = scaled * scale^2."""
     n = _count(x, axes, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
     xm = x if mask is None else jnp.where(mask, x, 0)
@@ -254,11 +247,27 @@ def _mean_square(
         sq = jnp.sum(lax.square(xm * inv_scale), axes, keepdims=True)
         return _psum(sq, axis_name, groups) / safe_n
 
-    one = jnp.ones((), x.dtype)
-    plain = mean_square(one)
+    ms, scale = _without_overflow(mean_square, xm, axes, axis_name, groups)
+    return n, ms, scale
+
+
+def _without_overflow(
+    mean_square: Callable[[Array], Array],
+    values: Array,
+    axes: tuple[int, ...],
+    axis_name: Hashable | None,
+    groups: Any,
+) -> tuple[Array, Array]:
+    """``(mean_square(1), 1)``, or where a square overflowed, ``(mean_square(1 / s), s)``.
+
+    ``s`` is :func:`_scale_above` the largest ``|values|``. The rescaled pass
+    sits behind a ``lax.cond``, so ordinary data pays one comparison on the
+    (small) statistics for it.
+    """
+    plain = mean_square(jnp.ones((), values.dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
-        largest = jnp.max(jnp.abs(lax.stop_gradient(xm)), axes, keepdims=True)
+        largest = jnp.max(jnp.abs(lax.stop_gradient(values)), axes, keepdims=True)
         scale = _scale_above(_pmax(largest, axis_name, groups))
         return mean_square(1 / scale), scale
 
@@ -266,10 +275,7 @@ def _mean_square(
     if axis_name is not None:
         # Every device must take the same branch: the branches hold collectives.
         overflowed = lax.psum(overflowed.astype(jnp.int32), axis_name) > 0
-    ms, scale = lax.cond(
-        overflowed, rescaled, lambda _: (plain, jnp.ones_like(plain)), None
-    )
-    return n, ms, scale
+    return lax.cond(overflowed, rescaled, lambda _: (plain, jnp.ones_like(plain)), None)
 
 
 def moments(
