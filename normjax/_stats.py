@@ -195,7 +195,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, 
 
 
 def _centered(
-    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+    raw: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
 ) -> tuple[Array, Array, Array, Array, Array]:
     """(count, shift, offset, scaled variance, scale): mean = shift + offset,
     variance = scaled variance * scale^2.
@@ -205,6 +205,7 @@ def _centered(
     separately, so the mean's precision is not capped by rounding it to x's
     dtype.
     """
+    x = raw.astype(stat_dtype(raw.dtype))
     n = _count(x, axes, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
     if mask is None:
@@ -213,63 +214,72 @@ def _centered(
         shift = _shared_sample(lax.stop_gradient(_first(x, axes)), axis_name, groups)
         offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
 
-        def mean_square(inv_scale: Array) -> Array:
+        def mean_square(x: Array, inv_scale: Array) -> Array:
             m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
             return _psum(m2, axis_name, groups) / safe_n
 
-        var, scale = _without_overflow(mean_square, x, axes, axis_name, groups)
-        return n, shift, offset, var, scale
-    # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean of
-    # the counted entries, and the offset corrects for its rounding (Chan,
-    # Golub and LeVeque's corrected two-pass algorithm).
-    total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
-    shift = lax.stop_gradient(total / safe_n)
-    d = jnp.where(mask, x - shift, 0)
-    offset = _psum(jnp.sum(d, axes, keepdims=True), axis_name, groups) / safe_n
+    else:
+        # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
+        # of the counted entries, and the offset corrects for its rounding
+        # (Chan, Golub and LeVeque's corrected two-pass algorithm).
+        total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
+        shift = lax.stop_gradient(total / safe_n)
+        sum_d = jnp.sum(jnp.where(mask, x - shift, 0), axes, keepdims=True)
+        offset = _psum(sum_d, axis_name, groups) / safe_n
 
-    def corrected_mean_square(inv_scale: Array) -> Array:
-        sq = _psum(jnp.sum(lax.square(d * inv_scale), axes, keepdims=True), axis_name, groups)
-        return jnp.maximum(sq / safe_n - lax.square(offset * inv_scale), 0)
+        def mean_square(x: Array, inv_scale: Array) -> Array:
+            d = jnp.where(mask, (x - shift) * inv_scale, 0)
+            sq = _psum(jnp.sum(lax.square(d), axes, keepdims=True), axis_name, groups)
+            return jnp.maximum(sq / safe_n - lax.square(offset * inv_scale), 0)
 
-    var, scale = _without_overflow(corrected_mean_square, d, axes, axis_name, groups)
+    var, scale = _without_overflow(mean_square, x, raw, axes, mask, axis_name, groups)
     return n, shift, offset, var, scale
 
 
 def _mean_square(
-    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+    raw: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
 ) -> tuple[Array, Array, Array]:
     """(count, scaled mean square, scale), mean square = scaled * scale^2."""
+    x = raw.astype(stat_dtype(raw.dtype))
     n = _count(x, axes, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
-    xm = x if mask is None else jnp.where(mask, x, 0)
 
-    def mean_square(inv_scale: Array) -> Array:
+    def mean_square(x: Array, inv_scale: Array) -> Array:
+        xm = x if mask is None else jnp.where(mask, x, 0)
         sq = jnp.sum(lax.square(xm * inv_scale), axes, keepdims=True)
         return _psum(sq, axis_name, groups) / safe_n
 
-    ms, scale = _without_overflow(mean_square, xm, axes, axis_name, groups)
+    ms, scale = _without_overflow(mean_square, x, raw, axes, mask, axis_name, groups)
     return n, ms, scale
 
 
 def _without_overflow(
-    mean_square: Callable[[Array], Array],
-    values: Array,
+    mean_square: Callable[[Array, Array], Array],
+    x: Array,
+    raw: Array,
     axes: tuple[int, ...],
+    mask: Array | None,
     axis_name: Hashable | None,
     groups: Any,
 ) -> tuple[Array, Array]:
-    """``(mean_square(1), 1)``, or where a square overflowed, ``(mean_square(1 / s), s)``.
+    """``(mean_square(x, 1), 1)``, or where a square overflowed, ``(mean_square(x, 1/s), s)``.
 
-    ``s`` is :func:`_scale_above` the largest ``|values|``. The rescaled pass
+    ``s`` is :func:`_scale_above` the largest counted ``|x|``. The rescaled pass
     sits behind a ``lax.cond``, so ordinary data pays one comparison on the
-    (small) statistics for it.
+    (small) statistics for it. The branch converts ``raw`` (x in its own
+    dtype) itself: capturing the converted ``x`` would make XLA keep a
+    full-size float32 copy of a bfloat16 input.
     """
-    plain = mean_square(jnp.ones((), values.dtype))
+    plain = mean_square(x, jnp.ones((), x.dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
-        largest = jnp.max(jnp.abs(lax.stop_gradient(values)), axes, keepdims=True)
-        scale = _scale_above(_pmax(largest, axis_name, groups))
-        return mean_square(1 / scale), scale
+        xs = raw.astype(x.dtype)
+        magnitude = jnp.abs(lax.stop_gradient(xs))
+        if mask is not None:
+            magnitude = jnp.where(mask, magnitude, 0)
+        largest = _pmax(jnp.max(magnitude, axes, keepdims=True), axis_name, groups)
+        scale = _scale_above(largest)
+        return mean_square(xs, 1 / scale), scale
 
     overflowed = jnp.any(jnp.isinf(plain))
     if axis_name is not None:
@@ -306,7 +316,6 @@ def moments(
       :class:`Moments`, each of x's rank with size-1 reduced axes. A group
       with no counted entry has ``inv_std`` 0, so it normalizes to the bias.
     """
-    x = x.astype(stat_dtype(x.dtype))
     if center:
         n, shift, offset, var, scale = _centered(x, axes, mask, axis_name, axis_index_groups)
     else:
@@ -314,7 +323,7 @@ def moments(
         shift = offset = jnp.zeros_like(var)
     # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
     # floored at the smallest normal so that a zero variance stays finite.
-    tiny = jnp.finfo(x.dtype).tiny
+    tiny = jnp.finfo(var.dtype).tiny
     inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
     inv_std = jnp.where(n > 0, inv_std, 0)
     return Moments(shift, offset, var * lax.square(scale), inv_std, n)
