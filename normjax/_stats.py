@@ -426,30 +426,37 @@ def standardize(
                 total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
             return total / jnp.maximum(stats.count, 1)
 
-        # In terms of u = inv_std * dx (inv_std is constant along the reduced
-        # axes): d xhat = u - mean(u) - xhat * mean(xhat * u), whose transpose
-        # has the same two reductions. mean(xhat * u) = -d inv_std / inv_std;
-        # nothing multiplies inv_std twice, so a tiny inv_std (|x| ~ 1e30)
-        # does not underflow on the way.
-        u = inv * dxc
-        s = counted_mean(xhat * u)
-        mean_u = counted_mean(u) if center else None
-        dxhat = (u - mean_u if center else u) - xhat * s
-        # A group with nothing counted has inv_std 0 and no statistics to move.
+        # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). Every
+        # factor constant along the reduced axes (inv_std always; scale too when
+        # it spans none of them, as in batch and instance norm) multiplies the
+        # per-set means after the reduction, never dx before it: the transpose
+        # then reduces the cotangent g itself (sum(g), sum(g * xhat), the very
+        # sums the scale and bias gradients need) instead of a full-size
+        # g * scale * inv_std that XLA would write out.
+        factor_scale = scale is not None and not set(feature_axes) & set(axes)
+        mul = inv
+        if scale is not None:
+            scale_b = _broadcast_feature(scale, x.ndim, feature_axes).astype(cdt)
+            if factor_scale:
+                mul = inv * scale_b
+        mean_xhat_dx = counted_mean(xhat * dxc)
+        mean_dx = counted_mean(dxc) if center else None
+        dy = mul * dxc - xhat * (mul * mean_xhat_dx)
+        if center:
+            dy = dy - mul * mean_dx
+        if scale is not None and not factor_scale:
+            dy = dy * scale_b
+        # A set with nothing counted has inv_std 0 and no statistics to move.
         safe_inv = jnp.where(inv > 0, inv, 1)
         dstats = Moments(
             shift=jnp.zeros_like(stats.shift),
-            offset=mean_u / safe_inv if center else jnp.zeros_like(stats.offset),
-            var=2 * s / lax.square(safe_inv),
-            inv_std=-inv * s,
+            offset=mean_dx if center else jnp.zeros_like(stats.offset),
+            var=2 * mean_xhat_dx / safe_inv,
+            inv_std=-inv * (inv * mean_xhat_dx),
             count=jnp.zeros_like(stats.count),
         )
         if scale is not None:
-            scale_b = _broadcast_feature(scale, x.ndim, feature_axes).astype(cdt)
-            dscale_b = _broadcast_feature(dscale, x.ndim, feature_axes).astype(cdt)
-            dy = dxhat * scale_b + xhat * dscale_b
-        else:
-            dy = dxhat
+            dy = dy + xhat * _broadcast_feature(dscale, x.ndim, feature_axes).astype(cdt)
         if bias is not None:
             dy = dy + _broadcast_feature(dbias, x.ndim, feature_axes).astype(cdt)
         return (y, stats), (dy.astype(y.dtype), dstats)
