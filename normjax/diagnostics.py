@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax import _stats
+
 __all__ = [
     "DEFAULT_SATURATION_THRESHOLD",
     "ActivationStats",
@@ -276,7 +278,10 @@ def activation_stats(
             saturated = (
                 jnp.mean(rule(y, saturation_threshold)) if rule else jnp.array(jnp.nan, y.dtype)
             )
-            stats[layer] = jnp.stack([jnp.mean(y), jnp.std(y), saturated])
+            # normjax's one statistics core: stable mean and variance.
+            moments = _stats.moments(y, (0,), epsilon=1e-12)
+            mean, var = moments.mean[0], moments.var[0]
+            stats[layer] = jnp.stack([mean, jnp.sqrt(var), saturated])
         return stats
 
     stats = jax.device_get(compute(variables, x))
