@@ -300,14 +300,18 @@ def batch_renorm(
         axis_index_groups=axis_index_groups,
     )  # fmt: skip
     running = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
-    seen = state.count > 0
+    # Correct only where both sides have statistics: a set the mask hides
+    # entirely has none (inv_std 0) and normalizes to the bias, as in batch_norm.
+    correct = (state.count > 0) & (batch.inv_std > 0)
+    safe_inv = jnp.where(correct, batch.inv_std, 1)
     # sigma_B / sigma = inv_std_running / inv_std_batch.
-    r = jnp.where(seen, jnp.clip(running.inv_std / batch.inv_std, 1 / r_max, r_max), 1)
-    d = jnp.where(seen, jnp.clip((batch.mean - running.mean) * running.inv_std, -d_max, d_max), 0)
+    r = jnp.where(correct, jnp.clip(running.inv_std / safe_inv, 1 / r_max, r_max), 1)
+    shift = (batch.mean - running.mean) * running.inv_std
+    d = jnp.where(correct, jnp.clip(shift, -d_max, d_max), 0)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
     # (x - mu_B) * inv_B * r + d  ==  (x - (mu_B - d / (inv_B * r))) * (inv_B * r).
     inv_std = batch.inv_std * r
-    corrected = batch._replace(offset=batch.offset - d / inv_std, inv_std=inv_std)
+    corrected = batch._replace(offset=batch.offset - d / (safe_inv * r), inv_std=inv_std)
     y = _stats.normalize(p.x, corrected, scale, bias, p.feature_axes, out_dtype)
     new_state = _update_state(
         state, batch, p.feature_shape, momentum=momentum, debias=debias,

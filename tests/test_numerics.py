@@ -127,6 +127,24 @@ def test_fully_masked_set_gives_bias_and_finite_gradient():
     np.testing.assert_array_equal(np.asarray(grad[1]), np.zeros(5))
 
 
+def test_batch_renorm_fully_masked_feature_gives_bias():
+    # A feature with no counted entry has no batch statistics to correct: it
+    # normalizes to the bias, as in batch_norm, never to NaN.
+    x = _normal(5, (6, 3))
+    mask = np.array([[True, True, False]] * 6)
+    running_mean, running_var = np.array([0.5, -0.2, 0.1]), np.array([1.5, 0.7, 2.0])
+    state = nj.BatchNormState(jnp.asarray(running_mean, jnp.float32),
+                              jnp.asarray(running_var, jnp.float32), jnp.asarray(3))
+    bias = np.array([1.0, 2.0, 3.0])
+    y, _ = nj.batch_renorm(x, state, None, jnp.asarray(bias, jnp.float32), training=True,
+                           mask=jnp.asarray(mask))
+    y = np.asarray(y, np.float64)
+    np.testing.assert_array_equal(y[:, 2], np.full(6, 3.0))
+    expected = ref.batch_renorm_train(x[:, :2], running_mean[:2], running_var[:2], None,
+                                      bias[:2], r_max=3.0, d_max=5.0)
+    np.testing.assert_allclose(y[:, :2], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_stable_variance_state_of_batch_norm():
     x = (1e4 + _normal(1, (64, 4))).astype(np.float32)
     _, state = nj.batch_norm(x, nj.batch_norm_state(4), training=True)
