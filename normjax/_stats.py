@@ -163,11 +163,62 @@ def _shared_sample(sample: Array, axis_name: Hashable | None, groups: Any) -> Ar
     return lax.psum(jnp.where(first, sample, 0), axis_name)
 
 
-def _first(x: Array, axes: tuple[int, ...]) -> Array:
-    """The entry at index 0 of every axis in ``axes``, keepdims."""
+def _sample(x: Array, axes: tuple[int, ...], channel_groups: int | None, k: int = 0) -> Array:
+    """One entry of each statistic set of ``x``, keepdims: the ``k``-th (modulo its
+    size) along the longest reduced axis, the first along the others, and the
+    first channel of each channel group.
+    """
+    longest = max(axes, key=lambda a: x.shape[a], default=None)
     for a in axes:
-        x = lax.slice_in_dim(x, 0, 1, axis=a)
-    return x
+        i = k % x.shape[a] if a == longest else 0
+        x = lax.slice_in_dim(x, i, i + 1, axis=a)
+    if channel_groups is None:
+        return x
+    return _expand_groups(_split_groups(x, channel_groups)[..., :1], x.shape)
+
+
+def _distinct_shifts(x: Array, axes: tuple[int, ...]) -> bool:
+    """Whether each full-size use of ``x`` should subtract its own sample of the set.
+
+    When the sets do not span x's last axis (batch, instance and group norm),
+    XLA on the CPU writes ``x - shift`` out in full if several reductions and
+    the output share it; with a different sample each, every use is its own
+    expression and fuses into its reduction. Rows (layer norm) already compile
+    to one fusion.
+    """
+    return bool(axes) and x.ndim - 1 not in axes and max(x.shape[a] for a in axes) >= 3
+
+
+def _split_groups(v: Array, channel_groups: int) -> Array:
+    """``v`` with its last (channel) axis split into ``(channel_groups, channels per group)``."""
+    return v.reshape(v.shape[:-1] + (channel_groups, v.shape[-1] // channel_groups))
+
+
+def _expand_groups(per_group: Array, shape: tuple[int, ...]) -> Array:
+    """Per-group values ``(..., groups, 1)`` repeated over each group's channels: ``shape``."""
+    groups = per_group.shape[-2]
+    return jnp.broadcast_to(per_group, per_group.shape[:-1] + (shape[-1] // groups,)).reshape(shape)
+
+
+def _reduce_sets(
+    v: Array, axes: tuple[int, ...], channel_groups: int | None, reducer: Callable = jnp.sum
+) -> Array:
+    """``reducer`` over each statistic set of ``v``, broadcastable back to ``v``.
+
+    A set spans ``axes`` and, with ``channel_groups``, the channels of one
+    group of the last axis. Grouped sets reduce in two stages: over ``axes``
+    per channel first, then over each group's channels on that small result,
+    which is then repeated over the group's channels. Both stages are plain
+    reductions that XLA vectorizes, and every full-size operation keeps
+    ``v``'s own layout: the single reduction over ``(..., groups, channels)``
+    that a reshape would give compiles to a strided loop several times slower
+    (group norm 64x32x32x64, 32 groups: 17 ms against 4.5 ms).
+    """
+    per_channel = reducer(v, axes, keepdims=True) if axes else v
+    if channel_groups is None:
+        return per_channel
+    per_group = reducer(_split_groups(per_channel, channel_groups), -1, keepdims=True)
+    return _expand_groups(per_group, per_channel.shape)
 
 
 def _scale_above(largest: Array) -> Array:
@@ -181,12 +232,20 @@ def _scale_above(largest: Array) -> Array:
 
 
 def _count(
-    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+    x: Array,
+    axes: tuple[int, ...],
+    channel_groups: int | None,
+    mask: Array | None,
+    axis_name: Hashable | None,
+    groups: Any,
 ) -> Array:
     if mask is None:
-        n = jnp.full(_reduced_shape(x.shape, axes), np.prod([x.shape[a] for a in axes]), x.dtype)
+        size = np.prod([x.shape[a] for a in axes])
+        if channel_groups is not None:
+            size *= x.shape[-1] // channel_groups
+        n = jnp.full(_reduced_shape(x.shape, axes), size, x.dtype)
     else:
-        n = jnp.sum(mask, axes, keepdims=True, dtype=x.dtype)
+        n = _reduce_sets(mask.astype(x.dtype), axes, channel_groups)
     return _psum(n, axis_name, groups)
 
 
@@ -195,7 +254,12 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, 
 
 
 def _centered(
-    raw: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+    raw: Array,
+    axes: tuple[int, ...],
+    channel_groups: int | None,
+    mask: Array | None,
+    axis_name: Hashable | None,
+    groups: Any,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """(count, shift, offset, scaled variance, scale): mean = shift + offset,
     variance = scaled variance * scale^2.
@@ -206,50 +270,73 @@ def _centered(
     dtype.
     """
     x = raw.astype(stat_dtype(raw.dtype))
-    n = _count(x, axes, mask, axis_name, groups)
+    n = _count(x, axes, channel_groups, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
+
+    def total(v: Array) -> Array:
+        return _psum(_reduce_sets(v, axes, channel_groups), axis_name, groups)
+
     if mask is None:
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0).
-        shift = _shared_sample(lax.stop_gradient(_first(x, axes)), axis_name, groups)
-        offset = _psum(jnp.sum(x - shift, axes, keepdims=True), axis_name, groups) / safe_n
+        def sample(k: int) -> Array:
+            shift = lax.stop_gradient(_sample(x, axes, channel_groups, k))
+            return _shared_sample(shift, axis_name, groups)
+
+        shift = sample(0)
+        offset = total(x - shift) / safe_n
+        # The variance pass and the output each get their own shift (see
+        # _distinct_shifts); the mean stays shift + offset.
+        square_shift = out_shift = shift
+        square_offset = out_offset = offset
+        if _distinct_shifts(x, axes):
+            square_shift, out_shift = sample(1), sample(2)
+            square_offset = (shift - square_shift) + offset
+            out_offset = (shift - out_shift) + offset
+        shift, offset = out_shift, out_offset
 
         def mean_square(x: Array, inv_scale: Array) -> Array:
-            m2 = jnp.sum(lax.square(((x - shift) - offset) * inv_scale), axes, keepdims=True)
-            return _psum(m2, axis_name, groups) / safe_n
+            e = ((x - square_shift) - square_offset) * inv_scale
+            return total(lax.square(e)) / safe_n
 
     else:
         # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
         # of the counted entries, and the offset corrects for its rounding
         # (Chan, Golub and LeVeque's corrected two-pass algorithm).
-        total = _psum(jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True), axis_name, groups)
-        shift = lax.stop_gradient(total / safe_n)
-        sum_d = jnp.sum(jnp.where(mask, x - shift, 0), axes, keepdims=True)
-        offset = _psum(sum_d, axis_name, groups) / safe_n
+        shift = lax.stop_gradient(total(jnp.where(mask, x, 0)) / safe_n)
+        offset = total(jnp.where(mask, x - shift, 0)) / safe_n
 
         def mean_square(x: Array, inv_scale: Array) -> Array:
             d = jnp.where(mask, (x - shift) * inv_scale, 0)
-            sq = _psum(jnp.sum(lax.square(d), axes, keepdims=True), axis_name, groups)
-            return jnp.maximum(sq / safe_n - lax.square(offset * inv_scale), 0)
+            return jnp.maximum(total(lax.square(d)) / safe_n - lax.square(offset * inv_scale), 0)
 
-    var, scale = _without_overflow(mean_square, x, raw, axes, mask, axis_name, groups)
+    var, scale = _without_overflow(
+        mean_square, x, raw, axes, channel_groups, mask, axis_name, groups
+    )
     return n, shift, offset, var, scale
 
 
 def _mean_square(
-    raw: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None, groups: Any
+    raw: Array,
+    axes: tuple[int, ...],
+    channel_groups: int | None,
+    mask: Array | None,
+    axis_name: Hashable | None,
+    groups: Any,
 ) -> tuple[Array, Array, Array]:
     """(count, scaled mean square, scale), mean square = scaled * scale^2."""
     x = raw.astype(stat_dtype(raw.dtype))
-    n = _count(x, axes, mask, axis_name, groups)
+    n = _count(x, axes, channel_groups, mask, axis_name, groups)
     safe_n = jnp.maximum(n, 1)
 
     def mean_square(x: Array, inv_scale: Array) -> Array:
         xm = x if mask is None else jnp.where(mask, x, 0)
-        sq = jnp.sum(lax.square(xm * inv_scale), axes, keepdims=True)
+        sq = _reduce_sets(lax.square(xm * inv_scale), axes, channel_groups)
         return _psum(sq, axis_name, groups) / safe_n
 
-    ms, scale = _without_overflow(mean_square, x, raw, axes, mask, axis_name, groups)
+    ms, scale = _without_overflow(
+        mean_square, x, raw, axes, channel_groups, mask, axis_name, groups
+    )
     return n, ms, scale
 
 
@@ -258,6 +345,7 @@ def _without_overflow(
     x: Array,
     raw: Array,
     axes: tuple[int, ...],
+    channel_groups: int | None,
     mask: Array | None,
     axis_name: Hashable | None,
     groups: Any,
@@ -277,7 +365,8 @@ def _without_overflow(
         magnitude = jnp.abs(lax.stop_gradient(xs))
         if mask is not None:
             magnitude = jnp.where(mask, magnitude, 0)
-        largest = _pmax(jnp.max(magnitude, axes, keepdims=True), axis_name, groups)
+        largest = _reduce_sets(magnitude, axes, channel_groups, jnp.max)
+        largest = _pmax(largest, axis_name, groups)
         scale = _scale_above(largest)
         return mean_square(xs, 1 / scale), scale
 
@@ -297,6 +386,7 @@ def moments(
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
     center: bool = True,
+    channel_groups: int | None = None,
 ) -> Moments:
     """Mean, biased variance and reciprocal std of ``x`` over ``axes``.
 
@@ -311,15 +401,32 @@ def moments(
         device's counted entries.
       axis_index_groups: as in ``lax.psum``.
       center: False gives the uncentered mean square (RMS norm).
+      channel_groups: pool the last (channel) axis, which ``axes`` must not
+        contain, in this many contiguous groups (group normalization): each
+        set is ``axes`` times one group's channels.
 
     Returns:
-      :class:`Moments`, each of x's rank with size-1 reduced axes. A group
-      with no counted entry has ``inv_std`` 0, so it normalizes to the bias.
+      :class:`Moments`, each of x's rank with size-1 reduced axes (with
+      ``channel_groups``, the last axis keeps its size, each group's value
+      repeated over its channels). A set with no counted entry has
+      ``inv_std`` 0, so it normalizes to the bias.
+
+    Raises:
+      ValueError: ``channel_groups`` does not divide the channels, or
+        ``axes`` contains the channel axis with ``channel_groups``.
     """
+    if channel_groups is not None and (
+        x.ndim - 1 in axes or x.shape[-1] % channel_groups or channel_groups < 1
+    ):
+        raise ValueError(
+            f"`channel_groups`={channel_groups!r} must divide the {x.shape[-1]} channels of "
+            f"the last axis, which `axes`={axes!r} must not contain."
+        )
+    sets = (axes, channel_groups, mask, axis_name, axis_index_groups)
     if center:
-        n, shift, offset, var, scale = _centered(x, axes, mask, axis_name, axis_index_groups)
+        n, shift, offset, var, scale = _centered(x, *sets)
     else:
-        n, var, scale = _mean_square(x, axes, mask, axis_name, axis_index_groups)
+        n, var, scale = _mean_square(x, *sets)
         shift = offset = jnp.zeros_like(var)
     # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
     # floored at the smallest normal so that a zero variance stays finite.
@@ -366,6 +473,7 @@ def standardize(
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
     center: bool = True,
+    channel_groups: int | None = None,
 ) -> tuple[Array, Moments]:
     """:func:`moments` then :func:`normalize`, with the analytic derivative.
 
@@ -387,7 +495,8 @@ def standardize(
       feature_axes: the axes ``scale`` and ``bias`` span, canonical.
       scale: optional, of x's shape at ``feature_axes``.
       bias: optional, of x's shape at ``feature_axes``.
-      epsilon, mask, axis_name, axis_index_groups, center: as in :func:`moments`.
+      epsilon, mask, axis_name, axis_index_groups, center, channel_groups: as in
+        :func:`moments`.
       dtype: the output dtype.
 
     Returns:
@@ -401,7 +510,7 @@ def standardize(
     def forward(x: Array, scale: Array | None, bias: Array | None, mask: Array | None):
         stats = moments(
             x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, center=center,
+            axis_index_groups=axis_index_groups, center=center, channel_groups=channel_groups,
         )  # fmt: skip
         return normalize(x, stats, scale, bias, feature_axes, dtype), stats
 
@@ -421,31 +530,51 @@ def standardize(
         def counted_mean(v: Array) -> Array:
             if mask is not None:
                 v = jnp.where(mask, v, 0)
-            total = jnp.sum(v, axes, keepdims=True)
+            total = _reduce_sets(v, axes, channel_groups)
             if axis_name is not None:
                 total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
             return total / jnp.maximum(stats.count, 1)
 
-        # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). Every
-        # factor constant along the reduced axes (inv_std always; scale too when
-        # it spans none of them, as in batch and instance norm) multiplies the
+        # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). inv_std,
+        # and scale wherever inv_std * scale is smaller than x (batch, instance
+        # and group norm: both are constant along some axis of x), multiply the
         # per-set means after the reduction, never dx before it: the transpose
         # then reduces the cotangent g itself (sum(g), sum(g * xhat), the very
         # sums the scale and bias gradients need) instead of a full-size
         # g * scale * inv_std that XLA would write out.
-        factor_scale = scale is not None and not set(feature_axes) & set(axes)
         mul = inv
+        factor_scale = False
         if scale is not None:
             scale_b = _broadcast_feature(scale, x.ndim, feature_axes).astype(cdt)
+            factor_scale = np.prod(np.broadcast_shapes(inv.shape, scale_b.shape)) < x.size
             if factor_scale:
                 mul = inv * scale_b
         mean_xhat_dx = counted_mean(xhat * dxc)
         mean_dx = counted_mean(dxc) if center else None
-        dy = mul * dxc - xhat * (mul * mean_xhat_dx)
-        if center:
-            dy = dy - mul * mean_dx
-        if scale is not None and not factor_scale:
-            dy = dy * scale_b
+        dscale_b = None if scale is None else _broadcast_feature(dscale, x.ndim, feature_axes)
+        dbias_b = None if bias is None else _broadcast_feature(dbias, x.ndim, feature_axes)
+        if scale is None or factor_scale:
+            # dy = mul*dx + xhat*(dscale - mul*mean(xhat*dx)) + (dbias - mul*mean(dx)):
+            # one full-size product with xhat, so the transpose reduces g*xhat once
+            # for both the scale gradient and the input's.
+            xhat_coef = -(mul * mean_xhat_dx)
+            if dscale_b is not None:
+                xhat_coef = xhat_coef + dscale_b.astype(cdt)
+            dy = mul * dxc + xhat * xhat_coef
+            const = -(mul * mean_dx) if center else None
+            if dbias_b is not None:
+                const = dbias_b.astype(cdt) if const is None else const + dbias_b.astype(cdt)
+            if const is not None:
+                dy = dy + const
+        else:
+            # scale varies along the reduced axes (layer norm): factoring it would
+            # make mul * mean a full-size product.
+            dy = mul * dxc - xhat * (mul * mean_xhat_dx)
+            if center:
+                dy = dy - mul * mean_dx
+            dy = dy * scale_b + xhat * dscale_b.astype(cdt)
+            if dbias_b is not None:
+                dy = dy + dbias_b.astype(cdt)
         # A set with nothing counted has inv_std 0 and no statistics to move.
         safe_inv = jnp.where(inv > 0, inv, 1)
         dstats = Moments(
@@ -455,10 +584,6 @@ def standardize(
             inv_std=-inv * (inv * mean_xhat_dx),
             count=jnp.zeros_like(stats.count),
         )
-        if scale is not None:
-            dy = dy + xhat * _broadcast_feature(dscale, x.ndim, feature_axes).astype(cdt)
-        if bias is not None:
-            dy = dy + _broadcast_feature(dbias, x.ndim, feature_axes).astype(cdt)
         return (y, stats), (dy.astype(y.dtype), dstats)
 
     return op(x, scale, bias, mask)
@@ -484,3 +609,4 @@ def running_moments(
     mean = _broadcast_feature(mean, x.ndim, feature_axes).astype(dtype)
     var = _broadcast_feature(var, x.ndim, feature_axes).astype(dtype)
     return Moments(mean, jnp.zeros_like(mean), var, inverse_std(var, epsilon), jnp.zeros((), dtype))
+

@@ -40,6 +40,7 @@ def _normalize_over(
     center: bool,
     axis_name: Hashable | None = None,
     axis_index_groups: Any = None,
+    channel_groups: int | None = None,
 ) -> Array:
     """Shared body: validate, compute the moments over ``reduction_axes``, apply them."""
     x = _stats.check_floating(x)
@@ -53,7 +54,7 @@ def _normalize_over(
     y, _ = _stats.standardize(
         x, reduction, features, scale, bias, epsilon=epsilon, mask=mask, center=center,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
-        dtype=x.dtype if dtype is None else dtype,
+        channel_groups=channel_groups, dtype=x.dtype if dtype is None else dtype,
     )  # fmt: skip
     return y
 
@@ -212,22 +213,13 @@ def group_norm(
     _stats.check_param_shape(scale, (channels,), "scale")
     _stats.check_param_shape(bias, (channels,), "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
-    # Split channels into (groups, channels per group): statistics reduce the
-    # per-group axis, scale and bias span both.
-    grouped_shape = x.shape[:-1] + (num_groups, channels // num_groups)
-    grouped = x.reshape(grouped_shape)
-    y = _normalize_over(
-        grouped,
-        None if scale is None else scale.reshape(grouped_shape[-2:]),
-        None if bias is None else bias.reshape(grouped_shape[-2:]),
-        reduction_axes=reduction[:-1] + (x.ndim,),
-        feature_axes=(x.ndim - 1, x.ndim),
-        epsilon=epsilon,
-        mask=None if mask is None else mask.reshape(grouped_shape),
-        dtype=dtype,
-        center=True,
-    )
-    return y.reshape(x.shape)
+    # The channel axis is pooled in groups by the statistics core itself: a
+    # reshape to (..., groups, channels per group) compiles to a slow strided
+    # reduction.
+    return _normalize_over(
+        x, scale, bias, reduction_axes=reduction[:-1], feature_axes=x.ndim - 1,
+        epsilon=epsilon, mask=mask, dtype=dtype, center=True, channel_groups=num_groups,
+    )  # fmt: skip
 
 
 def instance_norm(
