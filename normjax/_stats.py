@@ -609,4 +609,3 @@ def running_moments(
     mean = _broadcast_feature(mean, x.ndim, feature_axes).astype(dtype)
     var = _broadcast_feature(var, x.ndim, feature_axes).astype(dtype)
     return Moments(mean, jnp.zeros_like(mean), var, inverse_std(var, epsilon), jnp.zeros((), dtype))
-
