@@ -109,6 +109,22 @@ def test_large_mean_keeps_the_precision_of_the_deviations(name):
     np.testing.assert_allclose(y, case.reference(x, None, None), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "instance_norm"])
+@pytest.mark.parametrize("outliers", [(30.0, -50.0, 1e3), (0.0, 0.0, 0.0), (-7.0, 7.0, -7.0)])
+def test_outlying_shift_samples_keep_the_precision(name, outliers):
+    # Sets off the last axis subtract a different entry of the set in each pass
+    # (entries 0, 1 and 2 along the longest reduced axis); outliers there, far
+    # from the mean in units of the std, must not cost precision.
+    case = CASES[name]
+    x = 1e4 + _normal(5, case.shape)
+    axis = 0 if name == "batch_norm" else 1
+    for k, v in enumerate(outliers):
+        np.moveaxis(x, axis, 0)[k] += v
+    x = x.astype(np.float32)
+    y = np.asarray(case.op(x, None, None), np.float64)
+    np.testing.assert_allclose(y, case.reference(x, None, None), rtol=0, atol=2e-5)
+
+
 def test_fully_masked_set_gives_bias_and_finite_gradient():
     # A set with no counted entry has no statistics: it normalizes to the bias
     # (as a constant set does), never to x / sqrt(epsilon) or NaN.
