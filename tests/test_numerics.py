@@ -125,6 +125,23 @@ def test_outlying_shift_samples_keep_the_precision(name, outliers):
     np.testing.assert_allclose(y, case.reference(x, None, None), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("size", [768, 65536])
+@pytest.mark.parametrize("mean", [0.0, 1.0, 1.95, 2.05, 10.0, 30.0])
+def test_one_pass_only_where_it_cannot_cancel(size, mean):
+    # The statistics come from E[x^2] - E[x]^2 only where every set's mean is
+    # within 2 standard deviations of zero (error within ~13x the two-pass
+    # formula's), else from two passes. Used at a mean of 10 std, the one-pass
+    # formula is off by 3e-5 here, at 30 std by 2e-4.
+    x = (mean + _normal(7, (4, size))).astype(np.float32)
+    xd = x.astype(np.float64)
+    expected = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(nj.layer_norm(x), np.float64), expected,
+                               rtol=0, atol=5e-6)
+    state = nj.batch_norm_state(4)
+    y, _ = nj.batch_norm(np.ascontiguousarray(x.T), state, training=True, epsilon=1e-6)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected.T, rtol=0, atol=5e-6)
+
+
 def test_fully_masked_set_gives_bias_and_finite_gradient():
     # A set with no counted entry has no statistics: it normalizes to the bias
     # (as a constant set does), never to x / sqrt(epsilon) or NaN.
