@@ -305,6 +305,9 @@ def _centered(
         return shift, mean - shift, var, jnp.ones_like(var)
 
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
+        # Converts raw itself: capturing the converted x would make XLA keep a
+        # full-size float32 copy of a bfloat16 input for the branch.
+        x = raw.astype(stat_dtype(raw.dtype))
         return _two_passes(x, raw, axes, channel_groups, mask, axis_name, groups, total, safe_n)
 
     shift, offset, var, scale = lax.cond(one_pass, from_one_pass, from_two_passes, None)
