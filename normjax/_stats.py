@@ -308,7 +308,7 @@ def _centered(
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
         x = raw.astype(stat_dtype(raw.dtype))
-        return _two_passes(x, raw, axes, channel_groups, mask, axis_name, groups, total, safe_n)
+        return _two_passes(x, axes, channel_groups, mask, axis_name, groups, total, safe_n)
 
     shift, offset, var, scale = lax.cond(one_pass, from_one_pass, from_two_passes, None)
     return n, shift, offset, var, scale
@@ -316,7 +316,6 @@ def _centered(
 
 def _two_passes(
     x: Array,
-    raw: Array,
     axes: tuple[int, ...],
     channel_groups: int | None,
     mask: Array | None,
@@ -325,7 +324,12 @@ def _two_passes(
     total: Callable[[Array], Array],
     safe_n: Array,
 ) -> tuple[Array, Array, Array, Array]:
-    """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes."""
+    """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes.
+
+    The squared deviations are always divided by :func:`_magnitude` (1 for
+    data within [-1, 1]): this branch is the rare one, and one more pass here
+    costs less compile time than a nested ``lax.cond`` on overflow.
+    """
     if mask is None:
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0).
@@ -360,10 +364,8 @@ def _two_passes(
             d = jnp.where(mask, (x - shift) * inv_scale, 0)
             return jnp.maximum(total(lax.square(d)) / safe_n - lax.square(offset * inv_scale), 0)
 
-    var, scale = _without_overflow(
-        mean_square, x, raw, axes, channel_groups, mask, axis_name, groups
-    )
-    return shift, offset, var, scale
+    scale = _magnitude(x, axes, channel_groups, mask, axis_name, groups)
+    return shift, offset, mean_square(x, 1 / scale), scale
 
 
 def _mean_square(
@@ -390,6 +392,22 @@ def _mean_square(
     return n, ms, scale
 
 
+def _magnitude(
+    x: Array,
+    axes: tuple[int, ...],
+    channel_groups: int | None,
+    mask: Array | None,
+    axis_name: Hashable | None,
+    groups: Any,
+) -> Array:
+    """Per set, :func:`_scale_above` the largest counted ``|x|``."""
+    magnitude = jnp.abs(lax.stop_gradient(x))
+    if mask is not None:
+        magnitude = jnp.where(mask, magnitude, 0)
+    largest = _reduce_sets(magnitude, axes, channel_groups, jnp.max)
+    return _scale_above(_pmax(largest, axis_name, groups))
+
+
 def _without_overflow(
     mean_square: Callable[[Array, Array], Array],
     x: Array,
@@ -412,12 +430,7 @@ def _without_overflow(
 
     def rescaled(_: Any) -> tuple[Array, Array]:
         xs = raw.astype(x.dtype)
-        magnitude = jnp.abs(lax.stop_gradient(xs))
-        if mask is not None:
-            magnitude = jnp.where(mask, magnitude, 0)
-        largest = _reduce_sets(magnitude, axes, channel_groups, jnp.max)
-        largest = _pmax(largest, axis_name, groups)
-        scale = _scale_above(largest)
+        scale = _magnitude(xs, axes, channel_groups, mask, axis_name, groups)
         return mean_square(xs, 1 / scale), scale
 
     overflowed = jnp.any(jnp.isinf(plain))
