@@ -153,7 +153,9 @@ def _update_state(
     )
     if not skip_nonfinite:
         return updated
-    ok = jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var)) & jnp.all(batch.count > 0)
+    # mean + var is not finite exactly when one of them is not (or their sum
+    # overflows, where var alone is already at float's edge): one reduction.
+    ok = jnp.all(jnp.isfinite(mean + var)) & jnp.all(batch.count > 0)
     return jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
 
 
