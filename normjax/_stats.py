@@ -5,17 +5,21 @@ adds the analytic derivative) for its statistics and :func:`normalize` to
 apply them, so the numerics are fixed once:
 
 * Statistics are accumulated in at least float32, whatever the input dtype.
-* The variance is the mean of squared deviations from the mean, in two
-  passes, never ``E[x^2] - E[x]^2``: data with mean 1e4 and std 1 keeps its
-  std. The mean is held as a shift (one sample of the data) plus an offset,
-  so a constant set is exactly constant (variance exactly 0) and the
-  normalized output keeps the precision of the deviations.
-* Where squared deviations overflow float32 (|x| ~ 1e30), they are summed
-  again divided by the largest |x|. That pass sits behind a ``lax.cond`` on
-  the finiteness of the plain statistics, so ordinary data does not pay for it.
-* Across devices the sums and counts are combined with ``psum`` in both
-  passes, so the statistics are exact over the union of all devices'
-  masked entries, not a mean of per-device means.
+* One pass, ``E[x^2] - E[x]^2``, only where it cannot cancel badly: where
+  every set's mean is within 2 standard deviations of zero (and the sums are
+  finite). Its rounding error is then within 13 times the two-pass
+  formula's, and it compiles to two plain reductions, as fast as Flax's.
+* Everywhere else (data with mean 1e4 and std 1, constant sets, |x| ~ 1e30),
+  behind a ``lax.cond``: two passes, the mean of squared deviations from the
+  mean, divided by the largest |x| so that no square overflows. The mean is
+  held as a shift (one sample of the data) plus an offset, so a constant set
+  is exactly constant (variance exactly 0) and the normalized output keeps
+  the precision of the deviations.
+* Across devices the sums and counts are combined with ``psum``, so the
+  statistics are exact over the union of all devices' masked entries, not a
+  mean of per-device means.
+* Channel groups (group norm) are pooled by the core itself, in x's own
+  layout.
 
 References:
   Chan, Golub and LeVeque, "Algorithms for computing the sample variance:
