@@ -144,41 +144,92 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 # Statistics.
 
 
-def _psum(v: Any, axis_name: Hashable | None, groups: Any) -> Any:
-    return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=groups)
+class _Sets(NamedTuple):
+    """Which entries of x each statistic pools: ``axes`` (and, with
+    ``channel_groups``, one group of the last axis' channels), the entries
+    ``mask`` counts, on every device of ``axis_name``."""
 
+    axes: tuple[int, ...]
+    channel_groups: int | None
+    mask: Array | None
+    axis_name: Hashable | None
+    axis_index_groups: Any
 
-def _pmax(v: Array, axis_name: Hashable | None, groups: Any) -> Array:
-    return v if axis_name is None else lax.pmax(v, axis_name, axis_index_groups=groups)
+    def reduce(self, v: Array, reducer: Callable = jnp.sum) -> Array:
+        """``reducer`` over each set on this device, broadcastable back to ``v``.
 
+        Grouped sets reduce in two stages: over ``axes`` per channel first,
+        then over each group's channels on that small result, which is then
+        repeated over the group's channels. Both stages are plain reductions
+        that XLA vectorizes, and every full-size operation keeps ``v``'s own
+        layout: the single reduction over ``(..., groups, channels)`` that a
+        reshape would give compiles to a strided loop several times slower
+        (group norm 64x32x32x64, 32 groups: 17 ms against 4.5 ms).
+        """
+        per_channel = reducer(v, self.axes, keepdims=True) if self.axes else v
+        if self.channel_groups is None:
+            return per_channel
+        per_group = reducer(_split_groups(per_channel, self.channel_groups), -1, keepdims=True)
+        return _expand_groups(per_group, per_channel.shape)
 
-def _shared_sample(sample: Array, axis_name: Hashable | None, groups: Any) -> Array:
-    """One device's ``sample`` on every device of ``axis_name``.
+    def total(self, v: Array) -> Array:
+        """The sum of ``v`` over each set, on all devices."""
+        s = self.reduce(v)
+        if self.axis_name is None:
+            return s
+        return lax.psum(s, self.axis_name, axis_index_groups=self.axis_index_groups)
 
-    The first device's, so that a batch split across devices in order is
-    shifted exactly as on one device; within index groups, the largest
-    (one of the samples all the same).
-    """
-    if axis_name is None:
-        return sample
-    if groups is not None:
-        return lax.pmax(sample, axis_name, axis_index_groups=groups)
-    first = lax.axis_index(axis_name) == 0
-    return lax.psum(jnp.where(first, sample, 0), axis_name)
+    def count(self, x: Array) -> Array:
+        """The number of counted entries in each set, in x's dtype."""
+        if self.mask is not None:
+            return self.total(self.mask.astype(x.dtype))
+        size = np.prod([x.shape[a] for a in self.axes])
+        if self.channel_groups is not None:
+            size *= x.shape[-1] // self.channel_groups
+        n = jnp.full(_reduced_shape(x.shape, self.axes), size, x.dtype)
+        if self.axis_name is None:
+            return n
+        return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
 
+    def magnitude(self, x: Array) -> Array:
+        """Per set, :func:`_scale_above` the largest counted ``|x|``, on all devices."""
+        magnitude = jnp.abs(lax.stop_gradient(x))
+        if self.mask is not None:
+            magnitude = jnp.where(self.mask, magnitude, 0)
+        largest = self.reduce(magnitude, jnp.max)
+        if self.axis_name is not None:
+            largest = lax.pmax(largest, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return _scale_above(largest)
 
-def _sample(x: Array, axes: tuple[int, ...], channel_groups: int | None, k: int = 0) -> Array:
-    """One entry of each statistic set of ``x``, keepdims: the ``k``-th (modulo its
-    size) along the longest reduced axis, the first along the others, and the
-    first channel of each channel group.
-    """
-    longest = max(axes, key=lambda a: x.shape[a], default=None)
-    for a in axes:
-        i = k % x.shape[a] if a == longest else 0
-        x = lax.slice_in_dim(x, i, i + 1, axis=a)
-    if channel_groups is None:
-        return x
-    return _expand_groups(_split_groups(x, channel_groups)[..., :1], x.shape)
+    def sample(self, x: Array, k: int = 0) -> Array:
+        """One entry of each set (no gradient), the same on every device.
+
+        The ``k``-th (modulo its size) along the longest reduced axis, the
+        first along the others and the first channel of each channel group;
+        across devices, the first device's, so that a batch split across
+        devices in order is shifted exactly as on one device (within index
+        groups, the largest: one of the samples, all the same).
+        """
+        longest = max(self.axes, key=lambda a: x.shape[a], default=None)
+        for a in self.axes:
+            i = k % x.shape[a] if a == longest else 0
+            x = lax.slice_in_dim(x, i, i + 1, axis=a)
+        if self.channel_groups is not None:
+            x = _expand_groups(_split_groups(x, self.channel_groups)[..., :1], x.shape)
+        x = lax.stop_gradient(x)
+        if self.axis_name is None:
+            return x
+        if self.axis_index_groups is not None:
+            return lax.pmax(x, self.axis_name, axis_index_groups=self.axis_index_groups)
+        first = lax.axis_index(self.axis_name) == 0
+        return lax.psum(jnp.where(first, x, 0), self.axis_name)
+
+    def all_devices_agree(self, flag: Array) -> Array:
+        """``flag`` and'ed over all devices: every device must take the same
+        branch of a ``lax.cond`` whose branches hold collectives."""
+        if self.axis_name is None:
+            return flag
+        return lax.psum(1 - flag.astype(jnp.int32), self.axis_name) == 0
 
 
 def _distinct_shifts(x: Array, axes: tuple[int, ...]) -> bool:
@@ -204,27 +255,6 @@ def _expand_groups(per_group: Array, shape: tuple[int, ...]) -> Array:
     return jnp.broadcast_to(per_group, per_group.shape[:-1] + (shape[-1] // groups,)).reshape(shape)
 
 
-def _reduce_sets(
-    v: Array, axes: tuple[int, ...], channel_groups: int | None, reducer: Callable = jnp.sum
-) -> Array:
-    """``reducer`` over each statistic set of ``v``, broadcastable back to ``v``.
-
-    A set spans ``axes`` and, with ``channel_groups``, the channels of one
-    group of the last axis. Grouped sets reduce in two stages: over ``axes``
-    per channel first, then over each group's channels on that small result,
-    which is then repeated over the group's channels. Both stages are plain
-    reductions that XLA vectorizes, and every full-size operation keeps
-    ``v``'s own layout: the single reduction over ``(..., groups, channels)``
-    that a reshape would give compiles to a strided loop several times slower
-    (group norm 64x32x32x64, 32 groups: 17 ms against 4.5 ms).
-    """
-    per_channel = reducer(v, axes, keepdims=True) if axes else v
-    if channel_groups is None:
-        return per_channel
-    per_group = reducer(_split_groups(per_channel, channel_groups), -1, keepdims=True)
-    return _expand_groups(per_group, per_channel.shape)
-
-
 def _scale_above(largest: Array) -> Array:
     """A divisor that keeps squares of values up to ``largest`` inside the float range.
 
@@ -233,24 +263,6 @@ def _scale_above(largest: Array) -> Array:
     one extra rounding it costs is far below the statistics' own.
     """
     return jnp.maximum(largest, 1)
-
-
-def _count(
-    x: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-) -> Array:
-    if mask is None:
-        size = np.prod([x.shape[a] for a in axes])
-        if channel_groups is not None:
-            size *= x.shape[-1] // channel_groups
-        n = jnp.full(_reduced_shape(x.shape, axes), size, x.dtype)
-    else:
-        n = _reduce_sets(mask.astype(x.dtype), axes, channel_groups)
-    return _psum(n, axis_name, groups)
 
 
 def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -265,14 +277,7 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, 
 _ONE_PASS_RATIO = 4.0
 
 
-def _centered(
-    raw: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-) -> tuple[Array, Array, Array, Array, Array]:
+def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Array]:
     """(count, shift, offset, scaled variance, scale): mean = shift + offset,
     variance = scaled variance * scale^2.
 
@@ -289,19 +294,12 @@ def _centered(
     two-pass algorithms; the error bound of the one-pass formula).
     """
     x = raw.astype(stat_dtype(raw.dtype))
-    n = _count(x, axes, channel_groups, mask, axis_name, groups)
+    n = sets.count(x)
     safe_n = jnp.maximum(n, 1)
-
-    def total(v: Array) -> Array:
-        return _psum(_reduce_sets(v, axes, channel_groups), axis_name, groups)
-
-    counted = x if mask is None else jnp.where(mask, x, 0)
-    mean = total(counted) / safe_n
-    var = total(counted * counted) / safe_n - lax.square(mean)
+    counted = x if sets.mask is None else jnp.where(sets.mask, x, 0)
+    mean = sets.total(counted) / safe_n
+    var = sets.total(counted * counted) / safe_n - lax.square(mean)
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
-    if axis_name is not None:
-        # Every device must take the same branch: the branches hold collectives.
-        one_pass = lax.psum(1 - one_pass.astype(jnp.int32), axis_name) == 0
 
     def from_one_pass(_: Any) -> tuple[Array, Array, Array, Array]:
         # offset is exactly 0 and carries the mean's derivative.
@@ -311,137 +309,82 @@ def _centered(
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
-        x = raw.astype(stat_dtype(raw.dtype))
-        return _two_passes(x, axes, channel_groups, mask, axis_name, groups, total, safe_n)
+        return _two_passes(raw.astype(x.dtype), sets, safe_n)
 
-    shift, offset, var, scale = lax.cond(one_pass, from_one_pass, from_two_passes, None)
+    branch = sets.all_devices_agree(one_pass)
+    shift, offset, var, scale = lax.cond(branch, from_one_pass, from_two_passes, None)
     return n, shift, offset, var, scale
 
 
-def _two_passes(
-    x: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-    total: Callable[[Array], Array],
-    safe_n: Array,
-) -> tuple[Array, Array, Array, Array]:
+def _two_passes(x: Array, sets: _Sets, safe_n: Array) -> tuple[Array, Array, Array, Array]:
     """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes.
 
-    The squared deviations are always divided by :func:`_magnitude` (1 for
+    The squared deviations are always divided by the sets' magnitude (1 for
     data within [-1, 1]): this branch is the rare one, and one more pass here
     costs less compile time than a nested ``lax.cond`` on overflow.
     """
+    mask = sets.mask
     if mask is None:
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0).
-        def sample(k: int) -> Array:
-            shift = lax.stop_gradient(_sample(x, axes, channel_groups, k))
-            return _shared_sample(shift, axis_name, groups)
-
-        shift = sample(0)
-        offset = total(x - shift) / safe_n
+        shift = sets.sample(x, 0)
+        offset = sets.total(x - shift) / safe_n
         # The variance pass and the output each get their own shift (see
         # _distinct_shifts); the mean stays shift + offset.
         square_shift = out_shift = shift
         square_offset = out_offset = offset
-        if _distinct_shifts(x, axes):
-            square_shift, out_shift = sample(1), sample(2)
+        if _distinct_shifts(x, sets.axes):
+            square_shift, out_shift = sets.sample(x, 1), sets.sample(x, 2)
             square_offset = (shift - square_shift) + offset
             out_offset = (shift - out_shift) + offset
         shift, offset = out_shift, out_offset
 
         def mean_square(x: Array, inv_scale: Array) -> Array:
             e = ((x - square_shift) - square_offset) * inv_scale
-            return total(lax.square(e)) / safe_n
+            return sets.total(lax.square(e)) / safe_n
 
     else:
         # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
         # of the counted entries, and the offset corrects for its rounding
         # (Chan, Golub and LeVeque's corrected two-pass algorithm).
-        shift = lax.stop_gradient(total(jnp.where(mask, x, 0)) / safe_n)
-        offset = total(jnp.where(mask, x - shift, 0)) / safe_n
+        shift = lax.stop_gradient(sets.total(jnp.where(mask, x, 0)) / safe_n)
+        offset = sets.total(jnp.where(mask, x - shift, 0)) / safe_n
 
         def mean_square(x: Array, inv_scale: Array) -> Array:
             d = jnp.where(mask, (x - shift) * inv_scale, 0)
-            return jnp.maximum(total(lax.square(d)) / safe_n - lax.square(offset * inv_scale), 0)
+            squares = sets.total(lax.square(d)) / safe_n
+            return jnp.maximum(squares - lax.square(offset * inv_scale), 0)
 
-    scale = _magnitude(x, axes, channel_groups, mask, axis_name, groups)
+    scale = sets.magnitude(x)
     return shift, offset, mean_square(x, 1 / scale), scale
 
 
-def _mean_square(
-    raw: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-) -> tuple[Array, Array, Array]:
-    """(count, scaled mean square, scale), mean square = scaled * scale^2."""
+def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
+    """(count, scaled mean square, scale), mean square = scaled * scale^2.
+
+    The squares divided by the sets' magnitude only where plain squares
+    overflowed, behind a ``lax.cond``: ordinary data pays one comparison on
+    the (small) statistics for it.
+    """
     x = raw.astype(stat_dtype(raw.dtype))
-    n = _count(x, axes, channel_groups, mask, axis_name, groups)
+    n = sets.count(x)
     safe_n = jnp.maximum(n, 1)
 
     def mean_square(x: Array, inv_scale: Array) -> Array:
-        xm = x if mask is None else jnp.where(mask, x, 0)
-        sq = _reduce_sets(lax.square(xm * inv_scale), axes, channel_groups)
-        return _psum(sq, axis_name, groups) / safe_n
+        xm = x if sets.mask is None else jnp.where(sets.mask, x, 0)
+        return sets.total(lax.square(xm * inv_scale)) / safe_n
 
-    ms, scale = _without_overflow(
-        mean_square, x, raw, axes, channel_groups, mask, axis_name, groups
-    )
-    return n, ms, scale
-
-
-def _magnitude(
-    x: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-) -> Array:
-    """Per set, :func:`_scale_above` the largest counted ``|x|``."""
-    magnitude = jnp.abs(lax.stop_gradient(x))
-    if mask is not None:
-        magnitude = jnp.where(mask, magnitude, 0)
-    largest = _reduce_sets(magnitude, axes, channel_groups, jnp.max)
-    return _scale_above(_pmax(largest, axis_name, groups))
-
-
-def _without_overflow(
-    mean_square: Callable[[Array, Array], Array],
-    x: Array,
-    raw: Array,
-    axes: tuple[int, ...],
-    channel_groups: int | None,
-    mask: Array | None,
-    axis_name: Hashable | None,
-    groups: Any,
-) -> tuple[Array, Array]:
-    """``(mean_square(x, 1), 1)``, or where a square overflowed, ``(mean_square(x, 1/s), s)``.
-
-    ``s`` is :func:`_scale_above` the largest counted ``|x|``. The rescaled pass
-    sits behind a ``lax.cond``, so ordinary data pays one comparison on the
-    (small) statistics for it. The branch converts ``raw`` (x in its own
-    dtype) itself: capturing the converted ``x`` would make XLA keep a
-    full-size float32 copy of a bfloat16 input.
-    """
     plain = mean_square(x, jnp.ones((), x.dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
+        # Converts raw itself, as in _centered.
         xs = raw.astype(x.dtype)
-        scale = _magnitude(xs, axes, channel_groups, mask, axis_name, groups)
+        scale = sets.magnitude(xs)
         return mean_square(xs, 1 / scale), scale
 
-    overflowed = jnp.any(jnp.isinf(plain))
-    if axis_name is not None:
-        # Every device must take the same branch: the branches hold collectives.
-        overflowed = lax.psum(overflowed.astype(jnp.int32), axis_name) > 0
-    return lax.cond(overflowed, rescaled, lambda _: (plain, jnp.ones_like(plain)), None)
+    finite = sets.all_devices_agree(~jnp.any(jnp.isinf(plain)))
+    ms, scale = lax.cond(finite, lambda _: (plain, jnp.ones_like(plain)), rescaled, None)
+    return n, ms, scale
 
 
 def moments(
@@ -489,11 +432,11 @@ def moments(
             f"`channel_groups`={channel_groups!r} must divide the {x.shape[-1]} channels of "
             f"the last axis, which `axes`={axes!r} must not contain."
         )
-    sets = (axes, channel_groups, mask, axis_name, axis_index_groups)
+    sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
     if center:
-        n, shift, offset, var, scale = _centered(x, *sets)
+        n, shift, offset, var, scale = _centered(x, sets)
     else:
-        n, var, scale = _mean_square(x, *sets)
+        n, var, scale = _mean_square(x, sets)
         shift = offset = jnp.zeros_like(var)
     # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
     # floored at the smallest normal so that a zero variance stays finite.
@@ -594,13 +537,12 @@ def standardize(
         xhat = ((xc - stats.shift) - stats.offset) * inv
         dxc = dx.astype(cdt)
 
+        sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
+
         def counted_mean(v: Array) -> Array:
             if mask is not None:
                 v = jnp.where(mask, v, 0)
-            total = _reduce_sets(v, axes, channel_groups)
-            if axis_name is not None:
-                total = lax.psum(total, axis_name, axis_index_groups=axis_index_groups)
-            return total / jnp.maximum(stats.count, 1)
+            return sets.total(v) / jnp.maximum(stats.count, 1)
 
         # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). inv_std,
         # and scale wherever inv_std * scale is smaller than x (batch, instance
