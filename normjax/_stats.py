@@ -552,6 +552,7 @@ def standardize(
         # sums the scale and bias gradients need) instead of a full-size
         # g * scale * inv_std that XLA would write out.
         mul = inv
+        feature_size = np.prod([x.shape[a] for a in feature_axes])
         factor_scale = False
         if scale is not None:
             scale_b = _broadcast_feature(scale, x.ndim, feature_axes).astype(cdt)
@@ -569,7 +570,19 @@ def standardize(
             xhat_coef = -(mul * mean_xhat_dx)
             if dscale_b is not None:
                 xhat_coef = xhat_coef + dscale_b.astype(cdt)
-            dy = mul * dxc + xhat * xhat_coef
+            if mask is None and inv.size == feature_size and _distinct_shifts(xc, axes):
+                # Batch norm: xhat * c as (x - s) * (inv * c) - (mean - s) * inv * c,
+                # with s a sample of the set that nothing else subtracts. The
+                # transpose then reduces g * (x - s), which XLA fuses into the
+                # reduction; g * xhat it wrote out in full. (Instance and group
+                # norm measured slower this way: bfloat16 instance norm
+                # 64x32x32x64 fwd+bwd 9.1 against 6.0 ms.)
+                coef = inv * xhat_coef
+                sample = sets.sample(xc, 3)
+                mean_from_sample = (stats.shift - sample) + stats.offset
+                dy = mul * dxc + (xc - sample) * coef - mean_from_sample * coef
+            else:
+                dy = mul * dxc + xhat * xhat_coef
             const = -(mul * mean_dx) if center else None
             if dbias_b is not None:
                 const = dbias_b.astype(cdt) if const is None else const + dbias_b.astype(cdt)

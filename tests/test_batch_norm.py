@@ -419,6 +419,23 @@ def test_check_grads_batch_norm_float64():
         check_grads(jax.jit(evaluate), (x, scale, bias), order=1, modes=("fwd", "rev"))
 
 
+@pytest.mark.parametrize("loc", [0.0, 10.0])  # the one-pass and the two-pass statistics
+def test_check_grads_batch_norm_channels_last_float64(loc):
+    # Sets off the last axis: the derivative reduces g * (x - s) for a sample s
+    # of each set (see _stats.standardize); loc=10 takes the two-pass branch.
+    with jax.enable_x64(True):
+        x = jnp.asarray(loc + _normal(59, (4, 3, 2), dtype=np.float64))
+        scale = jnp.asarray(_normal(60, (2,), dtype=np.float64))
+        bias = jnp.asarray(_normal(61, (2,), dtype=np.float64))
+        state = nj.batch_norm_state(2, jnp.float64)
+
+        def train(x, scale, bias):
+            return nj.batch_norm(x, state, scale, bias, training=True)[0]
+
+        check_grads(jax.jit(train), (x, scale, bias), order=2, modes=("rev",))
+        check_grads(jax.jit(train), (x, scale, bias), order=1, modes=("fwd",))
+
+
 def test_check_grads_batch_renorm_float64():
     with jax.enable_x64(True):
         x = jnp.asarray(_normal(59, (6, 3), dtype=np.float64))
