@@ -148,6 +148,8 @@ def group_norm(
     reduction_axes: Axes | None = None,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
     dtype: Any = None,
 ) -> Array:
     """Group normalization: channels split into groups, each normalized per sample.
@@ -167,6 +169,10 @@ def group_norm(
         for every axis but the first.
       epsilon: added to the variance.
       mask: optional boolean, broadcastable to ``x``.
+      axis_name: also reduce over this named axis: for a sample whose reduced
+        axes (e.g. its spatial axes) are split across devices, the statistics
+        are those of the whole sample.
+      axis_index_groups: as in ``lax.psum``.
       dtype: output dtype; ``x.dtype`` by default.
 
     Returns:
@@ -219,6 +225,7 @@ def group_norm(
     return _normalize_over(
         x, scale, bias, reduction_axes=reduction[:-1], feature_axes=x.ndim - 1,
         epsilon=epsilon, mask=mask, dtype=dtype, center=True, channel_groups=num_groups,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
     )  # fmt: skip
 
 
@@ -230,6 +237,8 @@ def instance_norm(
     feature_axes: Axes = -1,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
     dtype: Any = None,
 ) -> Array:
     """Instance normalization: each sample and channel normalized over the rest.
@@ -242,6 +251,7 @@ def instance_norm(
       scale, bias: optional, of ``x``'s shape at ``feature_axes``.
       feature_axes: the channel axis or axes, kept.
       epsilon, mask, dtype: as in :func:`layer_norm`.
+      axis_name, axis_index_groups: as in :func:`group_norm`.
 
     Returns:
       The normalized array.
@@ -261,5 +271,6 @@ def instance_norm(
         )
     return _normalize_over(
         x, scale, bias, reduction_axes=reduction, feature_axes=features, epsilon=epsilon,
-        mask=mask, dtype=dtype, center=True,
+        mask=mask, dtype=dtype, center=True, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
     )  # fmt: skip

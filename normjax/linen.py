@@ -23,9 +23,8 @@ Differences from Flax, all deliberate:
 * ``use_fast_variance`` and ``force_float32_reductions`` are accepted for
   compatibility and ignored: normjax always computes statistics in at least
   float32 with a numerically stable variance.
-* GroupNorm and InstanceNorm accept ``axis_name`` but raise
-  NotImplementedError when it is set: their core ops reduce within one
-  device. (LayerNorm and RMSNorm support it.)
+* ``axis_name`` combines the statistics across devices in every module:
+  exactly, over the union of all devices' counted entries.
 * The output dtype follows Flax (``dtype``, else the promotion of ``x`` and
   the parameters), so a bfloat16 input with float32 parameters gives float32
   as ``flax.linen`` does.
@@ -130,16 +129,6 @@ def _merge_use_running_average(module: Any, attribute: bool | None, argument: bo
         return nn.merge_param("use_running_average", attribute, argument)
     except ValueError as error:
         raise ValueError(f"{_describe(module)}: {error}") from None
-
-
-def _reject_axis_name(module: Any, core_name: str) -> None:
-    """Raises for ``axis_name`` on a module whose core op has no cross-device reduction."""
-    if module.axis_name is not None:
-        raise NotImplementedError(
-            f"{_describe(module)}: `axis_name`={module.axis_name!r} is not supported: "
-            f"{core_name} normalizes each sample on its own device; shard the batch "
-            "axis, not the reduced axes."
-        )
 
 
 # ----------------------------------------------------------------------------
@@ -492,8 +481,8 @@ class GroupNorm(nn.Module):
       scale_init: initializer for the scale.
       reduction_axes: the axes reduced, which must include the last (channel)
         axis; default: every axis but the first (batch).
-      axis_name: accepted for compatibility with Flax; setting it raises
-        NotImplementedError (group statistics are per sample, on one device).
+      axis_name: also reduce over this named axis (a sample's reduced axes
+        split across devices).
       axis_index_groups: accepted for compatibility with Flax.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       force_float32_reductions: accepted for compatibility with Flax and ignored.
@@ -533,7 +522,6 @@ class GroupNorm(nn.Module):
             core rejects an argument (e.g. ``num_groups`` not dividing the
             channels); the message names the module.
         """
-        _reject_axis_name(self, "normjax.group_norm")
         x = jnp.asarray(x)
         scale, bias = _per_sample_params(self, x, -1, "the last (channel) axis")
         with _errors_name(self):
@@ -546,6 +534,8 @@ class GroupNorm(nn.Module):
                 reduction_axes=self.reduction_axes,
                 epsilon=self.epsilon,
                 mask=mask,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
                 dtype=_output_dtype(x, scale, bias, self.dtype),
             )
 
@@ -565,8 +555,8 @@ class InstanceNorm(nn.Module):
       bias_init: initializer for the bias.
       scale_init: initializer for the scale.
       feature_axes: the feature axes (never axis 0, the batch).
-      axis_name: accepted for compatibility with Flax; setting it raises
-        NotImplementedError (instance statistics are per sample, on one device).
+      axis_name: also reduce over this named axis (a sample's reduced axes
+        split across devices).
       axis_index_groups: accepted for compatibility with Flax.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       force_float32_reductions: accepted for compatibility with Flax and ignored.
@@ -604,7 +594,6 @@ class InstanceNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        _reject_axis_name(self, "normjax.instance_norm")
         x = jnp.asarray(x)
         scale, bias = _per_sample_params(self, x, self.feature_axes, "feature_axes")
         with _errors_name(self):
@@ -615,6 +604,8 @@ class InstanceNorm(nn.Module):
                 feature_axes=self.feature_axes,
                 epsilon=self.epsilon,
                 mask=mask,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
                 dtype=_output_dtype(x, scale, bias, self.dtype),
             )
 

@@ -15,7 +15,7 @@ The modules hold no maths: every number comes from :func:`normjax.batch_norm`,
 :func:`normjax.rms_norm`, :func:`normjax.group_norm` and
 :func:`normjax.instance_norm`. The differences from Flax are those of
 :mod:`normjax.linen` (``debias=True`` by default, ``use_fast_variance``
-ignored, no ``axis_name`` for GroupNorm and InstanceNorm), and one fix:
+ignored), and one fix:
 ``flax.nnx.GroupNorm`` repeats the group statistics along axis 1 instead of
 the channel axis, which is wrong whenever ``reduction_axes`` leaves a
 non-batch axis unreduced; normjax's GroupNorm is right there.
@@ -399,13 +399,6 @@ class _PerSampleNorm(nnx.Module):
         found = _feature_shape_of(self, x, feature_axes, axes_name)
         return _promote(self, x, _read(self.scale, found), _read(self.bias, found))
 
-    def _reject_axis_name(self, core_name: str) -> None:
-        if self.axis_name is not None:
-            raise NotImplementedError(
-                f"{_describe(self)}: `axis_name`={self.axis_name!r} is not supported: "
-                f"{core_name} normalizes each sample on its own device."
-            )
-
 
 class LayerNorm(_PerSampleNorm):
     """Layer normalization over normjax's :func:`normjax.layer_norm`.
@@ -599,8 +592,8 @@ class GroupNorm(_PerSampleNorm):
       scale_init: initializer for the scale.
       reduction_axes: the axes reduced, including the last; default every
         axis but the first.
-      axis_name: accepted for compatibility with Flax; setting it raises
-        NotImplementedError.
+      axis_name: also reduce over this named axis (a sample's reduced axes
+        split across devices).
       axis_index_groups: accepted for compatibility with Flax.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       promote_dtype: Flax NNX's dtype promotion of ``(x, scale, bias)``.
@@ -659,9 +652,7 @@ class GroupNorm(_PerSampleNorm):
           ValueError: if the channel count does not match ``num_features``, or
             the core rejects an argument (e.g. ``num_groups`` not dividing the
             channels); the message names the module.
-          NotImplementedError: if ``axis_name`` is set.
         """
-        self._reject_axis_name("normjax.group_norm")
         x, scale, bias = self._inputs(x, -1, "the last (channel) axis")
         with _errors_name(self):
             return nj.group_norm(
@@ -673,6 +664,8 @@ class GroupNorm(_PerSampleNorm):
                 reduction_axes=self.reduction_axes,
                 epsilon=self.epsilon,
                 mask=mask,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
                 dtype=self.dtype,
             )
 
@@ -692,8 +685,8 @@ class InstanceNorm(_PerSampleNorm):
       bias_init: initializer for the bias.
       scale_init: initializer for the scale.
       feature_axes: the feature axes (never axis 0, the batch).
-      axis_name: accepted for compatibility with Flax; setting it raises
-        NotImplementedError.
+      axis_name: also reduce over this named axis (a sample's reduced axes
+        split across devices).
       axis_index_groups: accepted for compatibility with Flax.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       promote_dtype: Flax NNX's dtype promotion of ``(x, scale, bias)``.
@@ -748,9 +741,7 @@ class InstanceNorm(_PerSampleNorm):
         Raises:
           ValueError: if ``x``'s feature shape does not match ``num_features``
             or the core rejects an argument (the message names the module).
-          NotImplementedError: if ``axis_name`` is set.
         """
-        self._reject_axis_name("normjax.instance_norm")
         x, scale, bias = self._inputs(x, self.feature_axes, "feature_axes")
         with _errors_name(self):
             return nj.instance_norm(
@@ -760,5 +751,7 @@ class InstanceNorm(_PerSampleNorm):
                 feature_axes=self.feature_axes,
                 epsilon=self.epsilon,
                 mask=mask,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
                 dtype=self.dtype,
             )

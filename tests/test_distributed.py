@@ -236,3 +236,35 @@ def test_vmap_axis_name_over_single_examples():
     )(x)
     _close(y, ref.batch_norm_train(x))
     _close(states.mean[0], ref.batch_stats(x)[0])
+
+
+@pytest.mark.parametrize("op", ["group_norm", "instance_norm"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shard_map_per_sample_norm_over_a_split_spatial_axis(mesh, op, masked):
+    # Each sample's spatial axis is split across the 8 devices (sequence or spatial
+    # parallelism): with axis_name the statistics are those of the whole sample, exact
+    # with unequal masks per device, hidden entries filled with NaN.
+    rng = np.random.default_rng(3)
+    samples, channels = 2, 4
+    x = (rng.normal(size=(samples, DEVICES * ROWS_PER_DEVICE, channels))
+         * np.repeat(1.0 + np.arange(DEVICES), ROWS_PER_DEVICE)[None, :, None]).astype(np.float32)
+    mask = np.ones(x.shape, bool)
+    if masked:
+        mask = np.broadcast_to(_unequal_row_mask()[None, :, :], x.shape)
+    filled = np.where(mask, x, np.nan).astype(np.float32)
+    scale = rng.normal(size=channels).astype(np.float32)
+    bias = rng.normal(size=channels).astype(np.float32)
+    kwargs = {"num_groups": 2} if op == "group_norm" else {}
+    fn = functools.partial(getattr(nj, op), **kwargs)
+
+    def local(x, mask, scale, bias):
+        return fn(x, scale, bias, mask=mask, axis_name="data")
+
+    y = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P(None, "data"), P(None, "data"), P(), P()),
+                      out_specs=P(None, "data"))
+    )(filled, mask, scale, bias)
+    reference = getattr(ref, op)(x, scale, bias, mask=mask, **kwargs)
+    _close(np.asarray(y)[mask], reference[mask])
+    y_one = fn(filled, scale, bias, mask=mask)
+    _close(np.asarray(y)[mask], np.asarray(y_one, np.float64)[mask], rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 from hypothesis import given, settings
 from sklearn.datasets import load_digits
 
@@ -389,12 +390,26 @@ def test_use_running_average_unset_is_flax_error_naming_the_module(cls):
         jax.eval_shape(lambda key: cls(use_running_average=True).init(key, x, False), KEY(0))
 
 
-@pytest.mark.parametrize(
-    "module", [njl.GroupNorm(2, axis_name="d"), njl.InstanceNorm(axis_name="d")]
-)
-def test_axis_name_on_a_per_device_norm_is_refused_by_name(module):
-    with pytest.raises(NotImplementedError, match=rf"{type(module).__name__}.*`axis_name`='d'"):
-        jax.eval_shape(module.init, KEY(0), jnp.ones((2, 3, 4)))
+@pytest.mark.parametrize("name", ["GroupNorm", "InstanceNorm"])
+def test_per_sample_norm_axis_name_pools_the_split_axis(name):
+    # x[d] is device d's slice of the spatial axis (d, n, h, c): with axis_name the
+    # statistics are those of each whole sample, i.e. of the unsplit (n, d*h, c)
+    # array normalized on one device, against the float64 reference.
+    x = 1.0 + jax.random.normal(KEY(0), (4, 2, 5, 6))
+    kwargs = {"num_groups": 2} if name == "GroupNorm" else {}
+    module = getattr(njl, name)(axis_name="d", **kwargs)
+    variables = module.clone(axis_name=None).init(KEY(1), x[0])
+    variables = jax.tree.map(lambda p: p + jnp.linspace(-0.5, 0.5, p.size).reshape(p.shape),
+                             variables)
+    y = jax.jit(jax.vmap(functools.partial(module.apply, variables), axis_name="d"))(x)
+    whole = np.asarray(x, np.float64).transpose(1, 0, 2, 3).reshape(2, 20, 6)
+    scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
+    if name == "GroupNorm":
+        expected = ref.group_norm(whole, scale, bias, num_groups=2, epsilon=1e-6)
+    else:
+        expected = ref.instance_norm(whole, scale, bias, epsilon=1e-6)
+    expected = expected.reshape(2, 4, 5, 6).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_group_norm_bad_group_count_names_the_module():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 from flax import nnx
 from sklearn.datasets import load_digits
 
@@ -226,10 +227,23 @@ def test_mask_of_the_wrong_shape_is_a_clear_error(index):
 
 
 @pytest.mark.parametrize("cls", [njx.GroupNorm, njx.InstanceNorm])
-def test_axis_name_on_a_per_device_norm_is_refused_by_name(cls):
-    module = cls(4, axis_name="d", rngs=_rngs())
-    with pytest.raises(NotImplementedError, match=rf"{cls.__name__}.*`axis_name`='d'"):
-        jax.eval_shape(lambda x: module(x), jnp.ones((2, 3, 4)))
+def test_per_sample_norm_axis_name_pools_the_split_axis(cls):
+    # x[d] is device d's slice of the spatial axis (d, n, h, c): with axis_name the
+    # statistics are those of each whole sample, against the float64 reference.
+    x = 1.0 + jax.random.normal(KEY(0), (4, 2, 5, 6))
+    kwargs = {"num_groups": 2} if cls is njx.GroupNorm else {}
+    module = cls(6, axis_name="d", rngs=_rngs(), **kwargs)
+    module.scale[...] = jnp.linspace(0.5, 1.5, 6)
+    module.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+    y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="d")(module, x)
+    whole = np.asarray(x, np.float64).transpose(1, 0, 2, 3).reshape(2, 20, 6)
+    scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1.0, 1.0, 6)
+    if cls is njx.GroupNorm:
+        expected = ref.group_norm(whole, scale, bias, num_groups=2, epsilon=1e-6)
+    else:
+        expected = ref.instance_norm(whole, scale, bias, epsilon=1e-6)
+    expected = expected.reshape(2, 4, 5, 6).transpose(1, 0, 2, 3)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [njx.BatchNorm, njx.BatchRenorm])
