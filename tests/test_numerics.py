@@ -373,3 +373,22 @@ def test_float64_statistics_under_x64():
         y = jax.jit(nj.layer_norm)(jnp.asarray(x.T))
         chex.assert_type(y, jnp.float64)
         np.testing.assert_allclose(np.asarray(y), ref.layer_norm(x.T), atol=1e-6)
+
+
+def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it():
+    # Under jax.vmap the one-pass/two-pass choice is made once for all examples, so
+    # the conditional survives (a batched predicate would run both branches). An
+    # example far from zero sends the whole batch down the exact path.
+    rows = _normal(11, (6, 256))
+    rows[2] += 1e4
+    x = rows.astype(np.float32)
+    xd = x.astype(np.float64)
+    expected = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-6)
+    per_row = jax.jit(jax.vmap(lambda r: nj.layer_norm(r)))
+    np.testing.assert_allclose(np.asarray(per_row(x), np.float64), expected, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(per_row(x[[0, 1, 3]]), np.float64),
+                               expected[[0, 1, 3]], rtol=0, atol=5e-6)
+    compiled = per_row.lower(x).compile().as_text()
+    assert "conditional(" in compiled
+    grads = jax.vmap(jax.grad(lambda r: jnp.sum(nj.layer_norm(r) * jnp.arange(256.0))))(x)
+    assert np.isfinite(np.asarray(grads)).all()
