@@ -15,6 +15,10 @@ apply them, so the numerics are fixed once:
   held as a shift (one sample of the data) plus an offset, so a constant set
   is exactly constant (variance exactly 0) and the normalized output keeps
   the precision of the deviations.
+* Large half-precision rows (bfloat16 layer and RMS norm over the last
+  axis, with no mask and no ``axis_name``) take a branch-free path instead,
+  as exact: a ``lax.cond`` would split what XLA on the CPU compiles as one
+  kernel that reads the bfloat16 input once (see :func:`_branch_free`).
 * Across devices the sums and counts are combined with ``psum``, so the
   statistics are exact over the union of all devices' masked entries, not a
   mean of per-device means.
@@ -408,6 +412,79 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     return n, ms, scale
 
 
+# The branch-free statistics sum the squares twice: capped at _SQUARE_CAP
+# (exact for deviations below 2^50, no overflow below 2^28 entries) and
+# multiplied by _DOWNSCALE^2 (exact for deviations above 2^13, no overflow
+# below 2^24 entries of float32's largest value). Each sum is right wherever
+# the other can be wrong.
+_SQUARE_CAP = 2.0**100
+_DOWNSCALE = 2.0**-76
+
+# The branch-free path takes inputs of more entries than this: up to here
+# the float32 copy that the guarded path writes (8 MiB) stays in cache, and
+# the guarded path measured faster.
+_BRANCH_FREE_ABOVE = 2**21
+
+
+def _use_branch_free(raw: Array, sets: _Sets) -> bool:
+    """Whether :func:`_branch_free` computes the statistics of ``raw``.
+
+    For large half-precision inputs reduced over their last axis (layer and
+    RMS norm), with no mask and no cross-device sum. XLA on the CPU compiles
+    such a normalization, statistics and output, into one kernel that
+    converts the bfloat16 input as it reads it, but only if no ``lax.cond``,
+    no select and no statistic leaves the kernel. The guarded one-pass path
+    writes a float32 copy of x instead, which costs little while it fits in
+    cache and a lot beyond: bfloat16 layer norm forward, 4M entries in rows
+    of 64 to 8192, is 1.7-2.4x Flax's unguarded one pass this way against
+    3.1-9.9x guarded; at 0.5M-2M entries, 2.1-2.6x against 1.3-1.7x (the
+    crossover, on a 2-core EPYC, between 2M and 4M). In float32, and for
+    sets off the last axis, the guarded path is the faster.
+    """
+    return (
+        raw.size > _BRANCH_FREE_ABOVE
+        and jnp.dtype(raw.dtype).itemsize < jnp.dtype(stat_dtype(raw.dtype)).itemsize
+        and raw.ndim - 1 in sets.axes
+        and sets.mask is None
+        and sets.axis_name is None
+        and sets.channel_groups is None
+    )
+
+
+def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
+    """:class:`Moments` without a branch or a select, exact for all finite data.
+
+    Centered, the shift is the mean from a first pass; the second pass sums
+    the deviations from it (the offset: the shift's rounding error, Chan,
+    Golub and LeVeque's corrected two-pass algorithm) and their squares, so
+    nothing cancels. The squares are summed twice, capped and downscaled
+    (see _SQUARE_CAP), and each sum gives a reciprocal std; the smaller is
+    the right one, since a capped sum or an underflowed downscaled one only
+    ever falls short. Uncentered (RMS norm), the same without the first pass.
+    """
+    x = raw.astype(stat_dtype(raw.dtype))
+    n = sets.count(x)
+    if center:
+        shift = lax.stop_gradient(sets.total(x) / n)
+        d = x - shift
+        offset = sets.total(d) / n
+    else:
+        d = x
+        shift = offset = jnp.zeros(n.shape, x.dtype)
+    capped = sets.total(jnp.minimum(lax.square(d), _SQUARE_CAP)) / n
+    downscaled = sets.total(lax.square(d * _DOWNSCALE)) / n
+    if center:
+        capped = jnp.maximum(capped - lax.square(offset), 0)
+        downscaled = jnp.maximum(downscaled - lax.square(offset * _DOWNSCALE), 0)
+    inv_std = jnp.minimum(
+        lax.rsqrt(capped + epsilon),
+        lax.rsqrt(downscaled + epsilon * _DOWNSCALE**2) * _DOWNSCALE,
+    )
+    # Two factors of 2^76: 2^152 itself is beyond float32.
+    var = jnp.maximum(capped, downscaled / _DOWNSCALE / _DOWNSCALE)
+    return Moments(shift, offset, var, inv_std, n)
+
+
 def moments(
     x: Array,
     axes: tuple[int, ...],
@@ -418,6 +495,7 @@ def moments(
     axis_index_groups: Any = None,
     center: bool = True,
     channel_groups: int | None = None,
+    branch_free: bool = True,
 ) -> Moments:
     """Mean, biased variance and reciprocal std of ``x`` over ``axes``.
 
@@ -435,6 +513,8 @@ def moments(
       channel_groups: pool the last (channel) axis, which ``axes`` must not
         contain, in this many contiguous groups (group normalization): each
         set is ``axes`` times one group's channels.
+      branch_free: allow the branch-free path where it is the faster (see
+        :func:`_use_branch_free`); the same statistics up to rounding.
 
     Returns:
       :class:`Moments`, each of x's rank with size-1 reduced axes (with
@@ -454,6 +534,8 @@ def moments(
             f"the last axis, which `axes`={axes!r} must not contain."
         )
     sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
+    if branch_free and _use_branch_free(x, sets):
+        return _branch_free(x, sets, epsilon, center)
     if center:
         n, shift, offset, var, scale = _centered(x, sets)
     else:
@@ -538,20 +620,27 @@ def standardize(
     gradient of the batch-normalizing transform).
     """
 
-    def forward(x: Array, scale: Array | None, bias: Array | None, mask: Array | None):
-        stats = moments(
-            x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, center=center, channel_groups=channel_groups,
-        )  # fmt: skip
-        return normalize(x, stats, scale, bias, feature_axes, dtype), stats
+    def forward(branch_free: bool) -> Callable:
+        def normalized(x: Array, scale: Array | None, bias: Array | None, mask: Array | None):
+            stats = moments(
+                x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, center=center,
+                channel_groups=channel_groups, branch_free=branch_free,
+            )  # fmt: skip
+            return normalize(x, stats, scale, bias, feature_axes, dtype), stats
 
-    op = jax.custom_jvp(forward)
+        return normalized
+
+    op = jax.custom_jvp(forward(branch_free=True))
 
     @op.defjvp
     def op_jvp(primals: tuple, tangents: tuple) -> tuple:
         x, scale, bias, mask = primals
         dx, dscale, dbias, _ = tangents
-        y, stats = op(x, scale, bias, mask)
+        # The statistics are the derivative's residuals, so they leave the
+        # kernel and the branch-free path has nothing to gain: guarded, the
+        # bfloat16 layer and RMS norm fwd+bwd measured 3-25% faster.
+        y, stats = forward(branch_free=False)(x, scale, bias, mask)
         cdt = stats.inv_std.dtype
         inv = stats.inv_std
         xc = x.astype(cdt)

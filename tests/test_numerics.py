@@ -394,3 +394,71 @@ def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it(
     grads = jax.vmap(jax.grad(lambda r: jnp.sum(nj.layer_norm(r) * weights)))(x)
     expected_grads = ref.normalize_grad(x, np.broadcast_to(weights, x.shape), 1, 1e-6)
     np.testing.assert_allclose(np.asarray(grads, np.float64), expected_grads, rtol=0, atol=2e-6)
+
+
+# ------------------------------------------- large half-precision rows: branch-free path
+
+
+def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
+    """More than 2^21 bfloat16 entries (the branch-free path's size), one kind of row
+    each: tiny to near-overflow magnitudes, far from zero, (near-)constant, zero."""
+    x = _normal(20, (rows, width))
+    for i, magnitude in enumerate([1e-30, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e35]):
+        x[i] *= magnitude
+    x[7] = 1e4 + 64 * x[7]  # bfloat16 resolves 1e4 to 64
+    x[8] = 1.0
+    x[8, 5] = 1.0 + 2.0**-7  # variance 6e-8, below epsilon: no room for cancellation
+    x[9], x[10], x[11], x[12] = 3.0, 0.1, 2.0**100, 0.0
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_branch_free_bfloat16_rows_within_resolution(name):
+    x64 = _hard_bfloat16_rows()
+    x = jnp.asarray(x64, jnp.bfloat16)
+    case = ALL_CASES[name]
+    scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
+    op = jax.jit(lambda x: case.op(x, scale, bias))
+    # One kernel, no conditional: the path under test, not the guarded one.
+    assert "conditional" not in op.lower(x).compile().as_text()
+    y = op(x)
+    chex.assert_type(y, jnp.bfloat16)
+    _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
+
+
+def test_branch_free_statistics_are_exact():
+    x64 = _hard_bfloat16_rows()
+    x = jnp.asarray(x64, jnp.bfloat16)
+    stats = nj._stats.moments(x, (1,), epsilon=1e-6)
+    mean, var = x64.mean(1, keepdims=True), x64.var(1, keepdims=True)
+    # within float32's rounding of the mean, plus 1e-6 std
+    mean_error = np.abs(np.asarray(stats.mean, np.float64) - mean)
+    assert (mean_error <= 2.0**-23 * np.abs(mean) + 1e-6 * np.sqrt(var)).all()
+    # var beyond float32's range (rows scaled by 1e20 and up) is inf; inv_std is not
+    finite = var < 3e38
+    np.testing.assert_allclose(np.asarray(stats.var, np.float64)[finite], var[finite],
+                               rtol=1e-5, atol=1e-37)  # 1e-30 rows: var below float32's
+    assert np.isinf(np.asarray(stats.var)[~finite]).all()
+    np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
+                               1 / np.sqrt(var + 1e-6), rtol=1e-5, atol=0)
+    ms = nj._stats.moments(x, (1,), epsilon=1e-6, center=False)
+    np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
+                               1 / np.sqrt((x64**2).mean(1, keepdims=True) + 1e-6),
+                               rtol=1e-5, atol=0)
+
+
+def test_branch_free_output_mean_is_zero_to_float32():
+    # Rows of bfloat16 values a few units from a mean m, with 30% tiny entries that
+    # make float32 sums round: the normalized rows (float32 output) still have mean
+    # zero to float32 precision, because the first pass's mean is corrected by the
+    # mean deviation from it (0.2e-6 without that offset).
+    rng = np.random.default_rng(1)
+    x = np.zeros((2049, 1024))
+    for row in x:
+        m = 2.0 ** rng.uniform(4, 30)
+        row[:] = m + rng.integers(-2, 3, row.size) * m * 2.0**-8
+        tiny = rng.random(row.size) < 0.3
+        row[tiny] = m * rng.uniform(-1, 1, tiny.sum()) * 2.0 ** rng.uniform(-30, -10, tiny.sum())
+    x = jnp.asarray(x, jnp.bfloat16)
+    y = np.asarray(jax.jit(lambda x: nj.layer_norm(x, dtype=jnp.float32))(x), np.float64)
+    assert np.abs(y.mean(1)).max() < 1e-7
