@@ -701,7 +701,11 @@ def standardize(
         else:
             # scale varies along the reduced axes (layer norm): factoring it would
             # make mul * mean a full-size product.
-            dy = mul * dxc - xhat * (mul * mean_xhat_dx)
+            # abs(inv) = inv, but not the same expression as xhat's factor: XLA
+            # would share one full-size broadcast of inv between xhat's kernel
+            # and the transpose's, and write it out (layer norm 4096x768
+            # fwd+bwd: 6.3 -> 5.8 ms; bfloat16 65536x64: 16.8 -> 13.1 ms).
+            dy = jnp.abs(mul) * dxc - xhat * (mul * mean_xhat_dx)
             if center:
                 dy = dy - mul * mean_dx
             dy = dy * scale_b + xhat * dscale_b.astype(cdt)
