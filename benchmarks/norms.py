@@ -361,8 +361,10 @@ def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
         lines.append("| " + " | ".join(cells) + " |")
 
     out = [
-        f"Median ms of {reps} interleaved repetitions, jit-compiled; f+b = forward+backward "
-        "(grad of sum(y*g) w.r.t. x and the parameters). Ratios < 1: normjax faster.",
+        f"Median ms of {reps} repetitions of samples of at least {SAMPLE_SECONDS * 1e3:g} ms, "
+        "jit-compiled, the JAX implementations interleaved and PyTorch in a phase of its "
+        "own; f+b = forward+backward (grad of sum(y*g) w.r.t. x and the parameters). "
+        "Ratios < 1: normjax faster.",
         "",
         *lines,
         "",
