@@ -452,7 +452,8 @@ def _use_branch_free(raw: Array, sets: _Sets) -> bool:
 
 
 def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
-    """:class:`Moments` without a branch or a select, exact for all finite data.
+    """:class:`Moments` without a branch or a select, as exact as the guarded path
+    wherever the sum of x stays within float32's range.
 
     Centered, the shift is the mean from a first pass; the second pass sums
     the deviations from it (the offset: the shift's rounding error, Chan,
@@ -590,7 +591,9 @@ def standardize(
 ) -> tuple[Array, Moments]:
     """:func:`moments` then :func:`normalize`, with the analytic derivative.
 
-    The values are exactly those of ``normalize(x, moments(x, ...), ...)``.
+    The values are exactly those of ``normalize(x, moments(x, ...), ...)``;
+    under differentiation, those of ``moments(..., branch_free=False)``, the
+    same up to rounding.
     The derivative is the closed form of batch/layer normalization's
     (a ``jax.custom_jvp``, so forward mode, reverse mode and higher orders all
     work): with ``xhat = (x - mean) * inv_std`` and means over the counted
