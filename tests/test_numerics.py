@@ -462,3 +462,23 @@ def test_branch_free_output_mean_is_zero_to_float32():
     x = jnp.asarray(x, jnp.bfloat16)
     y = np.asarray(jax.jit(lambda x: nj.layer_norm(x, dtype=jnp.float32))(x), np.float64)
     assert np.abs(y.mean(1)).max() < 1e-7
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_branch_free_float16_rows_within_resolution(name):
+    x = _normal(21, (2049, 1024))
+    for i, magnitude in enumerate([1e-3, 1e2, 1e4]):
+        x[i] *= magnitude
+    x[3] = 1000.0 + x[3]  # float16 resolves 1000 to 0.5
+    x[4], x[5] = 3.0, 0.0
+    x[6] = 1.0
+    x[6, 7] = 1.0 + 2.0**-10
+    x = jnp.asarray(x, jnp.float16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    case = ALL_CASES[name]
+    scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
+    op = jax.jit(lambda x: case.op(x, scale, bias))
+    assert "conditional" not in op.lower(x).compile().as_text()
+    y = op(x)
+    chex.assert_type(y, jnp.float16)
+    _within_resolution(y, case.reference(x64, scale, bias), jnp.float16)
