@@ -465,7 +465,8 @@ def test_branch_free_output_mean_is_zero_to_float32():
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_branch_free_float16_rows_within_resolution(name):
+def test_large_float16_rows_within_resolution(name):
+    # float16 keeps the guarded path at every size (the branch-free one is slower)
     x = _normal(21, (2049, 1024))
     for i, magnitude in enumerate([1e-3, 1e2, 1e4]):
         x[i] *= magnitude
@@ -477,8 +478,6 @@ def test_branch_free_float16_rows_within_resolution(name):
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     case = ALL_CASES[name]
     scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
-    op = jax.jit(lambda x: case.op(x, scale, bias))
-    assert "conditional" not in op.lower(x).compile().as_text()
-    y = op(x)
+    y = jax.jit(lambda x: case.op(x, scale, bias))(x)
     chex.assert_type(y, jnp.float16)
     _within_resolution(y, case.reference(x64, scale, bias), jnp.float16)
