@@ -63,10 +63,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 IMPLS = ("normjax", "flax", "flax-stable", "torch")
 MODES = ("fwd", "fwd+bwd")
-# One timing sample runs the function until at least this long. 2 ms samples
-# let a same-process ratio swing from 0.53 to 1.35 between two blocks of 21
-# repetitions of identical code (layer norm 4096x768); 20 ms ones held it
-# within 0.80-0.83 (benchmarks/README.md, "Measurement").
+# One timing sample runs the function until at least this long. With 2 ms
+# samples a same-process ratio of identical code read 0.53 and 1.35 in two
+# blocks of 21 repetitions (layer norm 4096x768 forward); with 20 ms samples
+# the same blocks read 0.64 and 0.80 (benchmarks/README.md, "Measurement").
 SAMPLE_SECONDS = 20e-3
 
 SHAPES_2D = ((4096, 768), (512, 4096), (65536, 64))
