@@ -685,9 +685,13 @@ def standardize(
             xhat_coef = -(mul * mean_xhat_dx)
             if dscale_b is not None:
                 xhat_coef = xhat_coef + dscale_b.astype(cdt)
-            batch_sets = inv.size == feature_size
-            instance_sets = channel_groups is None and x.dtype == cdt
-            if mask is None and (batch_sets or instance_sets) and _distinct_shifts(xc, axes):
+            reduce_x_minus_sample = (
+                mask is None
+                and _distinct_shifts(xc, axes)
+                # batch norm in every dtype; instance norm where x is not converted
+                and (inv.size == feature_size or (channel_groups is None and x.dtype == cdt))
+            )
+            if reduce_x_minus_sample:
                 # xhat * c as (x - s) * (inv * c) - (mean - s) * inv * c, with s a
                 # sample of the set that nothing else subtracts. The transpose then
                 # reduces g * (x - s), which XLA fuses into the reduction; g * xhat
