@@ -258,6 +258,28 @@ def test_constant_set_gives_bias(name, value, atol):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("width", [12, 768, 1000])
+def test_constant_rows_of_any_width_normalize_to_exactly_the_bias(dtype, width):
+    # n * (x / n) is not x for most widths: the shift must be an entry of the row.
+    values = [0.1, 1.7, 2.0**100, 1.234e30, 3e38]
+    x = jnp.asarray(np.repeat(np.float32(values)[:, None], width, axis=1), dtype)
+    bias = np.float32(0.5)
+    for op in (jax.jit(lambda x: nj.layer_norm(x, bias=jnp.full(width, bias))),
+               jax.jit(lambda x: nj.batch_norm(x.T, nj.batch_norm_state(len(values)),
+                                               bias=jnp.full(len(values), bias),
+                                               training=True)[0].T)):
+        assert (np.asarray(op(x).astype(jnp.float32)) == bias).all()
+
+
+def test_constant_large_bfloat16_rows_of_width_768_normalize_to_exactly_the_bias():
+    # The branch-free path of large bfloat16 rows (more than 2^21 entries)
+    x = np.full((2731, 768), 1.7, np.float32)
+    x[1], x[2], x[3] = 2.0**100, 1.234e30, 3e38
+    y = jax.jit(nj.layer_norm)(jnp.asarray(x, jnp.bfloat16))
+    assert (np.asarray(y.astype(jnp.float32)) == 0).all()
+
+
 def test_constant_channel_batch_norm_state():
     x = _normal(6, (8, 2)).astype(np.float32)
     x[:, 0] = 3.0
@@ -426,10 +448,24 @@ def test_branch_free_bfloat16_rows_within_resolution(name):
     _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
 
 
-def test_branch_free_statistics_are_exact():
-    x64 = _hard_bfloat16_rows()
-    x = jnp.asarray(x64, jnp.bfloat16)
-    stats = nj._stats.moments(x, (1,), epsilon=1e-6)
+def _hard_float32_rows() -> np.ndarray:
+    """float32 rows (the guarded path): tiny to float32's largest magnitudes, far
+    from zero at every scale, (near-)constant, zero."""
+    x = _normal(22, (16, 256))
+    for i, magnitude in enumerate([1e-30, 1e10, 1e15, 1e20, 1e30, 1e37]):
+        x[i] *= magnitude
+    x[6] = 1e4 + x[6]
+    x[7] = 1e24 + 1e18 * x[7]  # deviations past 2^50, the downscaled sum's range
+    x[8] = 2e38 + 1e37 * x[8]  # the sum of the row would overflow float32,
+    x[8, 0] = 1e38  # and so would that of its deviations from the first entry
+    x[9] = 1.0
+    x[9, 5] = 1.0 + 2.0**-20
+    x[10], x[11], x[12], x[13] = 3.0, 0.1, 2.0**100, 0.0
+    x[14] = 3e38
+    return np.asarray(x.astype(np.float32), np.float64)
+
+
+def _assert_exact_statistics(stats, ms, x64):
     mean, var = x64.mean(1, keepdims=True), x64.var(1, keepdims=True)
     # within float32's rounding of the mean, plus 1e-6 std
     mean_error = np.abs(np.asarray(stats.mean, np.float64) - mean)
@@ -441,10 +477,28 @@ def test_branch_free_statistics_are_exact():
     assert np.isinf(np.asarray(stats.var)[~finite]).all()
     np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
                                1 / np.sqrt(var + 1e-6), rtol=1e-5, atol=0)
-    ms = nj._stats.moments(x, (1,), epsilon=1e-6, center=False)
+    # |x| ~ 3e38: an inverse RMS below float32's normal range, which XLA flushes to 0
     np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
                                1 / np.sqrt((x64**2).mean(1, keepdims=True) + 1e-6),
-                               rtol=1e-5, atol=0)
+                               rtol=1e-5, atol=float(np.finfo(np.float32).tiny))
+
+
+@pytest.mark.parametrize("path", ["branch-free bfloat16", "guarded float32"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_statistics_of_hard_rows_are_exact(path, jit):
+    branch_free = path.startswith("branch-free")
+    x64 = _hard_bfloat16_rows() if branch_free else _hard_float32_rows()
+    x = jnp.asarray(x64, jnp.bfloat16 if branch_free else jnp.float32)
+
+    def statistics(x):
+        return (nj._stats.moments(x, (1,), epsilon=1e-6),
+                nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
+
+    # The path under test (under jit, XLA also folds constant rescalings that
+    # eager dispatch leaves alone, hence both).
+    hlo = jax.jit(statistics).lower(x).compile().as_text()
+    assert ("conditional" in hlo) != branch_free
+    _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
 
 
 def test_branch_free_output_mean_is_zero_to_float32():
@@ -481,3 +535,27 @@ def test_large_float16_rows_within_resolution(name):
     y = jax.jit(lambda x: case.op(x, scale, bias))(x)
     chex.assert_type(y, jnp.float16)
     _within_resolution(y, case.reference(x64, scale, bias), jnp.float16)
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (2731, 768)])
+def test_bfloat16_rows_half_a_unit_off_the_grid_have_the_exact_variance(shape):
+    # Rows of two neighbouring bfloat16 values, half and half: the mean is half a
+    # unit in the last place from each, the farthest the branch-free path's
+    # rounded shift (the larger shape) can be from it, and the variance is
+    # (unit / 2)^2. At 1e20 a unit is 2^59, past the capped sum's range: the
+    # downscaled sum must be corrected too. On the guarded path (the smaller
+    # shape) the variance 8e34 must not overflow with its rescaling (1e20^2).
+    width = shape[1]
+    rows = []
+    for v in (1.0, 3.0, 1e20, 1e30):
+        low = float(jnp.asarray(v, jnp.bfloat16))
+        high = float(jnp.nextafter(jnp.asarray(low, jnp.bfloat16), jnp.bfloat16(np.inf)))
+        rows.append(np.where(np.arange(width) % 2 == 0, low, high))
+    x64 = np.resize(np.asarray(rows), shape)
+    x = jnp.asarray(x64, jnp.bfloat16)
+    stats = jax.jit(lambda x: nj._stats.moments(x, (1,), epsilon=1e-6))(x)
+    var = x64.var(1, keepdims=True)
+    finite = var < 3e38
+    np.testing.assert_allclose(np.asarray(stats.var, np.float64)[finite], var[finite], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
+                               1 / np.sqrt(var + 1e-6), rtol=1e-6)
