@@ -790,7 +790,18 @@ def _standardize_op(
             dy = jnp.abs(mul) * dxc - xhat * (mul * mean_xhat_dx)
             if center:
                 dy = dy - mul * mean_dx
-            dy = dy * scale_b + xhat * dscale_b.astype(cdt)
+            # The scale gradient's xhat as an expression of its own, from
+            # negated statistics (the same values, exactly): XLA then computes it
+            # inside the scale gradient's reduction instead of writing one xhat
+            # out for both, and the broadcasts of the statistics are not shared
+            # either (layer norm 4096x768 float32 fwd+bwd temp 12 -> 0.09 MB,
+            # 65536x64 16.8 -> 1.5 MB, 4.5 -> 4.4 ms and 8.8 -> 8.4 ms). Not for
+            # converted inputs: the bfloat16 convert of x is then written out
+            # instead (temp 24 -> 36 MB, 3.7 -> 5.5 ms).
+            xhat_for_scale = xhat
+            if x.dtype == cdt:
+                xhat_for_scale = ((-xc) - (-stats.shift) - (-stats.offset)) * (-inv)
+            dy = dy * scale_b + xhat_for_scale * dscale_b.astype(cdt)
             if dbias_b is not None:
                 dy = dy + dbias_b.astype(cdt)
         # A set with nothing counted has inv_std 0 and no statistics to move.
