@@ -682,8 +682,8 @@ def _standardize_op(
     center: bool,
     channel_groups: int | None,
 ) -> Callable:
-    """:func:`standardize` for one configuration, as a jitted function of
-    ``(x, scale, bias, mask)``, one per configuration.
+    """:func:`standardize` for one configuration: a jitted function of
+    ``(x, scale, bias, mask)``.
 
     The same function object for every layer of a model with the same
     configuration lets JAX trace it, and the rule for its derivative, once per
@@ -790,16 +790,18 @@ def _standardize_op(
             dy = jnp.abs(mul) * dxc - xhat * (mul * mean_xhat_dx)
             if center:
                 dy = dy - mul * mean_dx
-            # The scale gradient's xhat as an expression of its own, from
-            # negated statistics (the same values, exactly): XLA then computes it
-            # inside the scale gradient's reduction instead of writing one xhat
-            # out for both, and the broadcasts of the statistics are not shared
-            # either (layer norm 4096x768 float32 fwd+bwd temp 12 -> 0.09 MB,
-            # 65536x64 16.8 -> 1.5 MB, 4.5 -> 4.4 ms and 8.8 -> 8.4 ms). Not for
-            # converted inputs: the bfloat16 convert of x is then written out
-            # instead (temp 24 -> 36 MB, 3.7 -> 5.5 ms).
+            # On large inputs, the scale gradient's xhat as an expression of its
+            # own, from negated statistics (the same values, exactly): XLA then
+            # computes it inside the scale gradient's reduction instead of
+            # writing one xhat out for both, and the broadcasts of the
+            # statistics are not shared either (layer norm float32 fwd+bwd temp
+            # 4096x768 12 -> 0.09 MB, 65536x64 16.8 -> 1.5 MB; time within
+            # noise). Not on small ones, where XLA shares g * scale instead and
+            # the extra expression cost the 10-layer MLP's training step
+            # (128x256) 3-6%; nor for converted inputs, whose float32 copy is
+            # then written out (bfloat16 temp 24 -> 36 MB, 3.7 -> 5.5 ms).
             xhat_for_scale = xhat
-            if x.dtype == cdt:
+            if x.dtype == cdt and x.size >= 2**20:
                 xhat_for_scale = ((-xc) - (-stats.shift) - (-stats.offset)) * (-inv)
             dy = dy * scale_b + xhat_for_scale * dscale_b.astype(cdt)
             if dbias_b is not None:
