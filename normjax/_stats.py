@@ -185,14 +185,18 @@ class _Sets(NamedTuple):
             return s
         return lax.psum(s, self.axis_name, axis_index_groups=self.axis_index_groups)
 
+    def size(self, shape: tuple[int, ...]) -> int:
+        """The number of entries in each set on this device, mask aside."""
+        size = int(np.prod([shape[a] for a in self.axes]))
+        if self.channel_groups is not None:
+            size *= shape[-1] // self.channel_groups
+        return size
+
     def count(self, x: Array) -> Array:
         """The number of counted entries in each set, in x's dtype."""
         if self.mask is not None:
             return self.total(self.mask.astype(x.dtype))
-        size = np.prod([x.shape[a] for a in self.axes])
-        if self.channel_groups is not None:
-            size *= x.shape[-1] // self.channel_groups
-        n = jnp.full(_reduced_shape(x.shape, self.axes), size, x.dtype)
+        n = jnp.full(_reduced_shape(x.shape, self.axes), self.size(x.shape), x.dtype)
         if self.axis_name is None:
             return n
         return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
@@ -286,12 +290,11 @@ def _scale_above(largest: Array) -> Array:
     """A divisor that keeps squares of values up to ``largest`` inside the float range.
 
     It is 1 for ordinary data (nothing is rescaled), and ``largest`` itself
-    above 1: the squares of the rescaled values are then at most 4, and the
-    one extra rounding it costs is far below the statistics' own. It is at
-    most the reciprocal of the smallest normal number (2^126 in float32):
-    XLA flushes smaller numbers to zero, and inside reductions divides by
-    multiplying by the reciprocal. The squares of the rescaled values are
-    then at most 16.
+    above 1, up to the reciprocal of the smallest normal number (2^126 in
+    float32): XLA flushes smaller numbers to zero, and inside reductions
+    divides by multiplying by the reciprocal. The squares of the rescaled
+    deviations are then at most 64, and the one extra rounding it costs is
+    far below the statistics' own.
     """
     return jnp.clip(largest, 1, 1 / jnp.finfo(largest.dtype).tiny)
 
@@ -493,7 +496,7 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
         # and the mean rounded by a conversion, not lax.reduce_precision (2.4x
         # slower) nor replaced by a slice of x (2x): XLA keeps the statistics
         # and the output in one kernel only this way.
-        size = int(np.prod([x.shape[a] for a in sets.axes]))
+        size = sets.size(x.shape)
         scale = 2.0 ** -math.ceil(math.log2(size))
         mean = sets.total(x * scale) * (1 / (size * scale))
         shift = lax.stop_gradient(mean.astype(raw.dtype).astype(x.dtype))
