@@ -483,7 +483,7 @@ class GroupNorm(nn.Module):
         axis; default: every axis but the first (batch).
       axis_name: also reduce over this named axis (a sample's reduced axes
         split across devices).
-      axis_index_groups: accepted for compatibility with Flax.
+      axis_index_groups: groups of devices on ``axis_name``, as ``lax.psum``.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       force_float32_reductions: accepted for compatibility with Flax and ignored.
 
@@ -557,7 +557,7 @@ class InstanceNorm(nn.Module):
       feature_axes: the feature axes (never axis 0, the batch).
       axis_name: also reduce over this named axis (a sample's reduced axes
         split across devices).
-      axis_index_groups: accepted for compatibility with Flax.
+      axis_index_groups: groups of devices on ``axis_name``, as ``lax.psum``.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       force_float32_reductions: accepted for compatibility with Flax and ignored.
 

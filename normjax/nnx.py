@@ -594,7 +594,7 @@ class GroupNorm(_PerSampleNorm):
         axis but the first.
       axis_name: also reduce over this named axis (a sample's reduced axes
         split across devices).
-      axis_index_groups: accepted for compatibility with Flax.
+      axis_index_groups: groups of indices on ``axis_name``, as ``lax.psum``.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       promote_dtype: Flax NNX's dtype promotion of ``(x, scale, bias)``.
       rngs: the random keys for the initializers.
@@ -687,7 +687,7 @@ class InstanceNorm(_PerSampleNorm):
       feature_axes: the feature axes (never axis 0, the batch).
       axis_name: also reduce over this named axis (a sample's reduced axes
         split across devices).
-      axis_index_groups: accepted for compatibility with Flax.
+      axis_index_groups: groups of indices on ``axis_name``, as ``lax.psum``.
       use_fast_variance: accepted for compatibility with Flax and ignored.
       promote_dtype: Flax NNX's dtype promotion of ``(x, scale, bias)``.
       rngs: the random keys for the initializers.
