@@ -418,34 +418,7 @@ def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it(
     np.testing.assert_allclose(np.asarray(grads, np.float64), expected_grads, rtol=0, atol=2e-6)
 
 
-# ------------------------------------------- large half-precision rows: branch-free path
-
-
-def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
-    """More than 2^21 bfloat16 entries (the branch-free path's size), one kind of row
-    each: tiny to near-overflow magnitudes, far from zero, (near-)constant, zero."""
-    x = _normal(20, (rows, width))
-    for i, magnitude in enumerate([1e-30, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e35]):
-        x[i] *= magnitude
-    x[7] = 1e4 + 64 * x[7]  # bfloat16 resolves 1e4 to 64
-    x[8] = 1.0
-    x[8, 5] = 1.0 + 2.0**-7  # variance 6e-8, below epsilon: no room for cancellation
-    x[9], x[10], x[11], x[12] = 3.0, 0.1, 2.0**100, 0.0
-    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
-
-
-@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_branch_free_bfloat16_rows_within_resolution(name):
-    x64 = _hard_bfloat16_rows()
-    x = jnp.asarray(x64, jnp.bfloat16)
-    case = ALL_CASES[name]
-    scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
-    op = jax.jit(lambda x: case.op(x, scale, bias))
-    # One kernel, no conditional: the path under test, not the guarded one.
-    assert "conditional" not in op.lower(x).compile().as_text()
-    y = op(x)
-    chex.assert_type(y, jnp.bfloat16)
-    _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
+# ------------------------------------ hard rows: exact statistics on either path
 
 
 def _hard_float32_rows() -> np.ndarray:
@@ -455,7 +428,7 @@ def _hard_float32_rows() -> np.ndarray:
     for i, magnitude in enumerate([1e-30, 1e10, 1e15, 1e20, 1e30, 1e37]):
         x[i] *= magnitude
     x[6] = 1e4 + x[6]
-    x[7] = 1e24 + 1e18 * x[7]  # deviations past 2^50, the downscaled sum's range
+    x[7] = 1e24 + 1e18 * x[7]  # a variance in range whose rescaling, 1e48, is not
     x[8] = 2e38 + 1e37 * x[8]  # the sum of the row would overflow float32,
     x[8, 0] = 1e38  # and so would that of its deviations from the first entry
     x[9] = 1.0
@@ -499,6 +472,36 @@ def test_statistics_of_hard_rows_are_exact(path, jit):
     hlo = jax.jit(statistics).lower(x).compile().as_text()
     assert ("conditional" in hlo) != branch_free
     _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
+
+
+# ------------------------------------------- large half-precision rows: branch-free path
+
+
+def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
+    """More than 2^21 bfloat16 entries (the branch-free path's size), one kind of row
+    each: tiny to near-overflow magnitudes, far from zero, (near-)constant, zero."""
+    x = _normal(20, (rows, width))
+    for i, magnitude in enumerate([1e-30, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e35]):
+        x[i] *= magnitude
+    x[7] = 1e4 + 64 * x[7]  # bfloat16 resolves 1e4 to 64
+    x[8] = 1.0
+    x[8, 5] = 1.0 + 2.0**-7  # variance 6e-8, below epsilon: no room for cancellation
+    x[9], x[10], x[11], x[12] = 3.0, 0.1, 2.0**100, 0.0
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_branch_free_bfloat16_rows_within_resolution(name):
+    x64 = _hard_bfloat16_rows()
+    x = jnp.asarray(x64, jnp.bfloat16)
+    case = ALL_CASES[name]
+    scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
+    op = jax.jit(lambda x: case.op(x, scale, bias))
+    # One kernel, no conditional: the path under test, not the guarded one.
+    assert "conditional" not in op.lower(x).compile().as_text()
+    y = op(x)
+    chex.assert_type(y, jnp.bfloat16)
+    _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
 
 
 def test_branch_free_output_mean_is_zero_to_float32():
