@@ -451,9 +451,14 @@ def _assert_exact_statistics(stats, ms, x64):
     np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
                                1 / np.sqrt(var + 1e-6), rtol=1e-5, atol=0)
     # |x| ~ 3e38: an inverse RMS below float32's normal range, which XLA flushes to 0
+    mean_square = (x64**2).mean(1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
-                               1 / np.sqrt((x64**2).mean(1, keepdims=True) + 1e-6),
+                               1 / np.sqrt(mean_square + 1e-6),
                                rtol=1e-5, atol=float(np.finfo(np.float32).tiny))
+    finite = mean_square < 3e38
+    np.testing.assert_allclose(np.asarray(ms.var, np.float64)[finite], mean_square[finite],
+                               rtol=1e-5, atol=1e-37)
+    assert np.isinf(np.asarray(ms.var)[~finite]).all()
 
 
 @pytest.mark.parametrize("path", ["branch-free bfloat16", "guarded float32"])
@@ -487,6 +492,8 @@ def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
     x[8] = 1.0
     x[8, 5] = 1.0 + 2.0**-7  # variance 6e-8, below epsilon: no room for cancellation
     x[9], x[10], x[11], x[12] = 3.0, 0.1, 2.0**100, 0.0
+    # squares in float32's range, their sum not: RMS norm's plain sum overflows
+    x[13] = 1.5e19 * (1 + 2.0**-7 * (np.arange(width) % 2))
     return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
