@@ -782,7 +782,16 @@ def _standardize_op(
             factor_scale = np.prod(np.broadcast_shapes(inv.shape, scale_b.shape)) < x.size
             if factor_scale:
                 mul = inv * scale_b
-        mean_xhat_dx = counted_mean(xhat * dxc)
+        if not center and x.dtype == cdt and scale is not None and not factor_scale:
+            # RMS norm: mean(x * dx) * inv_std, so that the transpose reduces x
+            # itself; XLA wrote the xhat it shares with the output's gradient out
+            # in full (float32 fwd+bwd 512x4096: temp 8 -> 0 MB, 3.5 -> 2.3 ms;
+            # 1024x1024: 1.06 -> 0.77 ms). Not for converted inputs, whose
+            # float32 copy it then writes out instead (bfloat16 4096x768: temp
+            # 12 -> 24 MB, 4.0 -> 5.9 ms).
+            mean_xhat_dx = counted_mean(xc * dxc) * inv
+        else:
+            mean_xhat_dx = counted_mean(xhat * dxc)
         mean_dx = counted_mean(dxc) if center else None
         dscale_b = None if scale is None else _broadcast_feature(dscale, x.ndim, feature_axes)
         dbias_b = None if bias is None else _broadcast_feature(dbias, x.ndim, feature_axes)

@@ -174,6 +174,25 @@ def test_rms_norm_matches_reference(case, with_scale, seed):
     _close(y, expected)
 
 
+@pytest.mark.parametrize("shape", [(16, 256), (512, 4096)])
+def test_rms_norm_grads_match_the_closed_form(shape):
+    # float32 inputs take mean(x * dx) * inv_std in the derivative (so that XLA
+    # reduces x itself); the gradients are those of the float64 closed form:
+    # y = x r s, r = (mean(x^2) + eps)^-1/2, dx = r g s - x r^3 mean(x g s), ds = sum(g x r).
+    x = _normal(15, shape, loc=0.5, scale=2.0)
+    cot = _normal(16, shape)
+    scale = np.random.default_rng(17).uniform(0.5, 2.0, shape[1]).astype(np.float32)
+
+    def loss(x, scale):
+        return jnp.sum(nj.rms_norm(x, scale) * cot)
+
+    dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+    x64, g = x.astype(np.float64), cot.astype(np.float64) * scale
+    r = 1 / np.sqrt((x64**2).mean(1, keepdims=True) + 1e-6)
+    _close(dx, r * g - x64 * r**3 * (x64 * g).mean(1, keepdims=True), rtol=1e-5, atol=1e-5)
+    _close(dscale, (cot * x64 * r).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_rms_norm_matches_flax_layer():
     x = _normal(11, (3, 5), loc=0.5, scale=1e-3)  # mean square near the default epsilon
     module = nn.RMSNorm()
