@@ -511,6 +511,36 @@ def test_branch_free_bfloat16_rows_within_resolution(name):
     _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
 
 
+def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflows():
+    # Rows of std 2^40 to 2^75, a third of them far from zero, and rows of +-2^60
+    # to +-2^66 (squares near float32's largest, and sums of them past it): the
+    # plain sum of squares overflows within this range, and past a threshold
+    # below that the downscaled one takes over.
+    rng = np.random.default_rng(23)
+    rows, width = 2049, 1024
+    x = rng.normal(size=(rows, width)) * 2.0 ** np.linspace(40, 75, rows)[:, None]
+    x[::3] += 5 * x[::3].std(1, keepdims=True)
+    for i, e in enumerate(np.linspace(60, 66, 60)):
+        x[30 * i + 1] = np.where(np.arange(width) % 2 == 0, 2.0**e, -(2.0**e))
+    x = jnp.asarray(x, jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+
+    def statistics(x):
+        return (nj._stats.moments(x, (1,), epsilon=1e-6),
+                nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
+
+    assert "conditional" not in jax.jit(statistics).lower(x).compile().as_text()
+    stats, ms = jax.jit(statistics)(x)
+    for moments, var in ((stats, x64.var(1, keepdims=True)),
+                         (ms, (x64**2).mean(1, keepdims=True))):
+        np.testing.assert_allclose(np.asarray(moments.inv_std, np.float64),
+                                   1 / np.sqrt(var + 1e-6), rtol=1e-6)
+        finite = var < np.finfo(np.float32).max
+        np.testing.assert_allclose(np.asarray(moments.var, np.float64)[finite], var[finite],
+                                   rtol=1e-6)
+        assert np.isinf(np.asarray(moments.var)[~finite]).all()
+
+
 def test_branch_free_output_mean_is_zero_to_float32():
     # Rows of bfloat16 values a few units from a mean m, with 30% tiny entries that
     # make float32 sums round: the normalized rows (float32 output) still have mean
