@@ -514,8 +514,8 @@ def test_branch_free_bfloat16_rows_within_resolution(name):
 def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflows():
     # Rows of std 2^40 to 2^75, a third of them far from zero, and rows of +-2^60
     # to +-2^66 (squares near float32's largest, and sums of them past it): the
-    # plain sum of squares overflows within this range, and past a threshold
-    # below that the downscaled one takes over.
+    # plain sum of squares overflows within this range, is clipped, and the
+    # downscaled sum must take over exactly there.
     rng = np.random.default_rng(23)
     rows, width = 2049, 1024
     x = rng.normal(size=(rows, width)) * 2.0 ** np.linspace(40, 75, rows)[:, None]
