@@ -15,10 +15,11 @@ apply them, so the numerics are fixed once:
   held as a shift (one sample of the data) plus an offset, so a constant set
   is exactly constant (variance exactly 0) and the normalized output keeps
   the precision of the deviations.
-* Large bfloat16 rows (layer and RMS norm over the last axis, with no mask
-  and no ``axis_name``) take a branch-free path instead, as exact: a
-  ``lax.cond`` would split what XLA on the CPU compiles as one kernel that
-  reads the bfloat16 input once (see :func:`_branch_free`).
+* Large bfloat16 inputs in short rows (layer norm over the last axis, at
+  most 64 entries a row, with no mask and no ``axis_name``) take a
+  branch-free path instead, as exact: a ``lax.cond`` would split what XLA on
+  the CPU compiles as one kernel that reads the bfloat16 input once (see
+  :func:`_branch_free`).
 * Across devices the sums and counts are combined with ``psum``, so the
   statistics are exact over the union of all devices' masked entries, not a
   mean of per-device means.
@@ -330,9 +331,26 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     x = raw.astype(stat_dtype(raw.dtype))
     n = sets.count(x)
     safe_n = jnp.maximum(n, 1)
-    counted = x if sets.mask is None else jnp.where(sets.mask, x, 0)
-    mean = sets.total(counted) / safe_n
-    var = sets.total(counted * counted) / safe_n - lax.square(mean)
+
+    def counted(v: Array) -> Array:
+        return v if sets.mask is None else jnp.where(sets.mask, v, 0)
+
+    if raw.dtype == x.dtype:
+        mean = sets.total(counted(x)) / safe_n
+        x_sq = x
+    else:
+        # XLA merges identical conversions into one, and writes a conversion
+        # that several kernels read out in full: a float32 copy of a bfloat16
+        # x, read back by both sums and the output (bfloat16 batch norm
+        # training 4096x768 forward: 3.7 against 0.9 ms through the barriers,
+        # the same process). Through optimization barriers, each sum gets a
+        # conversion of its own, fused into its kernel, and the output the
+        # plain one; the second barrier carries the mean, so that the two are
+        # not alike.
+        mean = sets.total(counted(lax.optimization_barrier(raw).astype(x.dtype))) / safe_n
+        raw_sq, mean = lax.optimization_barrier((raw, mean))
+        x_sq = raw_sq.astype(x.dtype)
+    var = sets.total(lax.square(counted(x_sq))) / safe_n - lax.square(mean)
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
 
     def from_one_pass(_: Any) -> tuple[Array, Array, Array, Array]:
@@ -413,7 +431,9 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
         xm = x if sets.mask is None else jnp.where(sets.mask, x, 0)
         return sets.total(lax.square(xm * inv_scale)) / safe_n
 
-    plain = mean_square(x, jnp.ones((), x.dtype))
+    # A conversion of its own for the sum, as in _centered.
+    x_sq = x if raw.dtype == x.dtype else lax.optimization_barrier(raw).astype(x.dtype)
+    plain = mean_square(x_sq, jnp.ones((), x.dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
         # Converts raw itself, as in _centered.
@@ -433,34 +453,34 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
 _DOWNSCALE_EXPONENT = -76
 _DOWNSCALE = 2.0**_DOWNSCALE_EXPONENT
 
-# The branch-free path takes inputs of more entries than this: up to here
-# the float32 copy that the guarded path writes (8 MiB) stays in cache, and
-# the guarded path measured faster.
+# The branch-free path takes inputs of more entries than this, in rows of at
+# most _BRANCH_FREE_ROWS_UP_TO.
 _BRANCH_FREE_ABOVE = 2**21
+_BRANCH_FREE_ROWS_UP_TO = 64
 
 
-def _use_branch_free(raw: Array, sets: _Sets) -> bool:
+def _use_branch_free(raw: Array, sets: _Sets, center: bool) -> bool:
     """Whether :func:`_branch_free` computes the statistics of ``raw``.
 
-    For large bfloat16 inputs reduced over their last axis (layer and RMS
-    norm), with no mask and no cross-device sum. XLA on the CPU compiles
+    For large bfloat16 inputs in short rows, centered (layer norm over the
+    last axis), with no mask and no cross-device sum. XLA on the CPU compiles
     such a normalization, statistics and output, into one kernel that
     converts the bfloat16 input as it reads it, but only if no ``lax.cond``,
-    no select and no statistic leaves the kernel. The guarded one-pass path
-    writes a float32 copy of x instead, which costs little while it fits in
-    cache and a lot beyond: bfloat16 layer norm forward, 4M entries in rows
-    of 64 to 8192, is 1.7-2.4x Flax's unguarded one pass this way against
-    3.1-9.9x guarded; at 0.5M-2M entries, 2.1-2.6x against 1.3-1.7x (the
-    crossover, on a 2-core EPYC, between 2M and 4M). In float32, for sets off
-    the last axis, and for float16 (which XLA splits into three kernels this
-    way: 11.9 ms against 7.2 ms guarded, 4096x1024), the guarded path is the
-    faster. On small inputs of any dtype, where the guard's conditional
-    costs compile time (a 10-layer batch norm train step: 485 kernels against
-    337 branch-free, Flax 285), a branch-free path measured 1.5-4.8x slower
-    to run than the guarded one (128x256 to 1024x512, float32).
+    no select and no statistic leaves the kernel. The guarded path reads x
+    once for each sum and once for the output (each with a conversion of its
+    own, see :func:`_centered`), and in rows of up to 64 entries, each a
+    small reduction, that measured slower: layer norm forward 65536x64, 2.3-2.6x
+    Flax guarded against 1.9-2.0x branch-free. In longer rows the one
+    kernel's work per entry, which an exact kernel needs more of than Flax's,
+    costs more than the extra reads: 4096x768 1.0x guarded against 2.0x,
+    512x8192 0.3x against 1.8x, 32768x128 1.6x against 1.9x; RMS norm
+    65536x64 1.2-1.6x against 1.5x. In float32, for sets off the last axis,
+    for float16 and on small inputs the guarded path is the faster.
     """
     return (
-        raw.size > _BRANCH_FREE_ABOVE
+        center
+        and raw.size > _BRANCH_FREE_ABOVE
+        and sets.size(raw.shape) <= _BRANCH_FREE_ROWS_UP_TO
         and raw.dtype == jnp.bfloat16
         and raw.ndim - 1 in sets.axes
         and sets.mask is None
@@ -469,10 +489,11 @@ def _use_branch_free(raw: Array, sets: _Sets) -> bool:
     )
 
 
-def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
-    """:class:`Moments` without a branch or a select, as exact as the guarded path.
+def _branch_free(raw: Array, sets: _Sets, epsilon: float) -> Moments:
+    """Centered :class:`Moments` without a branch or a select, as exact as the
+    guarded path.
 
-    Centered, the shift is the mean from a first pass, rounded to x's
+    The shift is the mean from a first pass, rounded to x's
     (bfloat16) precision: for a constant set that is its value, so that the
     set is exactly constant; otherwise it is within half a unit in x's last
     place of the mean. The second pass sums the deviations from the shift
@@ -485,11 +506,8 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     The squares are summed twice, plainly (the sum clipped at float32's
     largest) and downscaled (see _DOWNSCALE), and each sum gives a
     reciprocal std; the smaller is the right one, since a clipped sum or an
-    underflowed downscaled one only ever falls short. Uncentered (RMS norm),
-    see :func:`_branch_free_mean_square`.
+    underflowed downscaled one only ever falls short.
     """
-    if not center:
-        return _branch_free_mean_square(raw, sets, epsilon)
     x = raw.astype(stat_dtype(raw.dtype))
     n = sets.count(x)
     # x scaled by a power of two near 1 / n (it costs the forward 10-20%), and
@@ -515,33 +533,6 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     root = lax.sqrt(sets.total(lax.square(d * _DOWNSCALE)) / n)
     scaled_offset = jnp.abs(offset) * _DOWNSCALE
     downscaled = jnp.maximum((root - scaled_offset) * (root + scaled_offset), 0)
-    var, inv_std = _from_both_sums(plain, downscaled, epsilon)
-    return Moments(shift, offset, var, inv_std, n)
-
-
-def _branch_free_mean_square(raw: Array, sets: _Sets, epsilon: float) -> Moments:
-    """The uncentered :class:`Moments` (RMS norm) of :func:`_branch_free`: the
-    squares of x summed as there, plainly (the sum clipped at float32's
-    largest) and downscaled.
-
-    A function of its own rather than the centered code with zero deviations
-    and a zero offset, whose per-set arithmetic XLA keeps in the kernel
-    (4096x768 forward: 0.49 against 0.55 ms). With each square capped instead
-    of the sum clipped: 0.84 against 1.17 ms (Flax 0.54).
-    """
-    x = raw.astype(stat_dtype(raw.dtype))
-    n = sets.count(x)
-    mean_square = jnp.minimum(sets.total(lax.square(x)), jnp.finfo(x.dtype).max) / n
-    downscaled = sets.total(lax.square(x * _DOWNSCALE)) / n
-    var, inv_std = _from_both_sums(mean_square, downscaled, epsilon)
-    zeros = jnp.zeros_like(var)
-    return Moments(zeros, zeros, var, inv_std, n)
-
-
-def _from_both_sums(plain: Array, downscaled: Array, epsilon: float) -> tuple[Array, Array]:
-    """(var, inv_std) of the branch-free paths from the plain and the downscaled
-    (by _DOWNSCALE^2) variances: each only ever falls short where it is wrong,
-    so the larger variance and the smaller reciprocal std are the right ones."""
     inv_std = jnp.minimum(
         lax.rsqrt(plain + epsilon),
         lax.rsqrt(downscaled + epsilon * _DOWNSCALE**2) * _DOWNSCALE,
@@ -549,7 +540,7 @@ def _from_both_sums(plain: Array, downscaled: Array, epsilon: float) -> tuple[Ar
     # downscaled * 2^152 by its exponent: XLA folds any product of constants
     # into one factor, and 2^152 is beyond float32.
     var = jnp.maximum(plain, jnp.ldexp(downscaled, -2 * _DOWNSCALE_EXPONENT))
-    return var, inv_std
+    return Moments(shift, offset, var, inv_std, n)
 
 
 def moments(
@@ -601,8 +592,8 @@ def moments(
             f"the last axis, which `axes`={axes!r} must not contain."
         )
     sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
-    if branch_free and _use_branch_free(x, sets):
-        return _branch_free(x, sets, epsilon, center)
+    if branch_free and _use_branch_free(x, sets, center):
+        return _branch_free(x, sets, epsilon)
     if center:
         n, shift, offset, var, scale = _centered(x, sets)
     else:

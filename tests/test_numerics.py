@@ -272,9 +272,9 @@ def test_constant_rows_of_any_width_normalize_to_exactly_the_bias(dtype, width):
         assert (np.asarray(op(x).astype(jnp.float32)) == bias).all()
 
 
-def test_constant_large_bfloat16_rows_of_width_768_normalize_to_exactly_the_bias():
-    # The branch-free path of large bfloat16 rows (more than 2^21 entries)
-    x = np.full((2731, 768), 1.7, np.float32)
+def test_constant_large_bfloat16_rows_of_width_48_normalize_to_exactly_the_bias():
+    # The branch-free path (more than 2^21 bfloat16 entries in rows of at most 64)
+    x = np.full((43691, 48), 1.7, np.float32)
     x[1], x[2], x[3] = 2.0**100, 1.234e30, 3e38
     y = jax.jit(nj.layer_norm)(jnp.asarray(x, jnp.bfloat16))
     assert (np.asarray(y.astype(jnp.float32)) == 0).all()
@@ -473,18 +473,39 @@ def test_statistics_of_hard_rows_are_exact(path, jit):
                 nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
 
     # The path under test (under jit, XLA also folds constant rescalings that
-    # eager dispatch leaves alone, hence both).
-    hlo = jax.jit(statistics).lower(x).compile().as_text()
+    # eager dispatch leaves alone, hence both). RMS norm's statistics take the
+    # guarded path in every dtype.
+    hlo = jax.jit(lambda x: statistics(x)[0]).lower(x).compile().as_text()
     assert ("conditional" in hlo) != branch_free
     _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
+
+
+@pytest.mark.parametrize(
+    "name", ["batch_norm", "layer_norm", "rms_norm", "instance_norm", "group_norm"])
+def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
+    # XLA merges identical conversions into one and writes a conversion that
+    # several kernels read out in full: a float32 copy of the input, read back
+    # by each sum. Through optimization barriers, each sum of the guarded path
+    # converts x inside its own kernel instead.
+    x = jnp.asarray(_normal(24, (16, 8, 8, 32)), jnp.bfloat16)
+    ops = {
+        "batch_norm": lambda x: nj.batch_norm(x, nj.batch_norm_state(32), training=True)[0],
+        "layer_norm": nj.layer_norm,
+        "rms_norm": nj.rms_norm,
+        "instance_norm": nj.instance_norm,
+        "group_norm": lambda x: nj.group_norm(x, num_groups=8),
+    }
+    hlo = jax.jit(ops[name]).lower(x).compile().as_text()
+    assert "f32[16,8,8,32]" not in hlo[hlo.index("ENTRY"):]
 
 
 # ------------------------------------------- large half-precision rows: branch-free path
 
 
-def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
-    """More than 2^21 bfloat16 entries (the branch-free path's size), one kind of row
-    each: tiny to near-overflow magnitudes, far from zero, (near-)constant, zero."""
+def _hard_bfloat16_rows(rows: int = 32769, width: int = 64) -> np.ndarray:
+    """More than 2^21 bfloat16 entries in rows of 64 (the branch-free path's
+    inputs), one kind of row each: tiny to near-overflow magnitudes, far from
+    zero, (near-)constant, zero."""
     x = _normal(20, (rows, width))
     for i, magnitude in enumerate([1e-30, 1e-10, 1e10, 1e15, 1e20, 1e30, 1e35]):
         x[i] *= magnitude
@@ -498,14 +519,15 @@ def _hard_bfloat16_rows(rows: int = 2049, width: int = 1024) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
-def test_branch_free_bfloat16_rows_within_resolution(name):
+def test_large_bfloat16_rows_within_resolution(name):
     x64 = _hard_bfloat16_rows()
     x = jnp.asarray(x64, jnp.bfloat16)
     case = ALL_CASES[name]
     scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
     op = jax.jit(lambda x: case.op(x, scale, bias))
-    # One kernel, no conditional: the path under test, not the guarded one.
-    assert "conditional" not in op.lower(x).compile().as_text()
+    # Layer norm: one kernel, no conditional (the branch-free path, not the
+    # guarded one); RMS norm: guarded.
+    assert ("conditional" not in op.lower(x).compile().as_text()) == (name == "layer_norm")
     y = op(x)
     chex.assert_type(y, jnp.bfloat16)
     _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
@@ -517,7 +539,7 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
     # plain sum of squares overflows within this range, is clipped, and the
     # downscaled sum must take over exactly there.
     rng = np.random.default_rng(23)
-    rows, width = 2049, 1024
+    rows, width = 32769, 64
     x = rng.normal(size=(rows, width)) * 2.0 ** np.linspace(40, 75, rows)[:, None]
     x[::3] += 5 * x[::3].std(1, keepdims=True)
     for i, e in enumerate(np.linspace(60, 66, 60)):
@@ -529,7 +551,8 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
         return (nj._stats.moments(x, (1,), epsilon=1e-6),
                 nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
 
-    assert "conditional" not in jax.jit(statistics).lower(x).compile().as_text()
+    # layer norm's on the branch-free path, RMS norm's guarded
+    assert "conditional" not in jax.jit(lambda x: statistics(x)[0]).lower(x).compile().as_text()
     stats, ms = jax.jit(statistics)(x)
     for moments, var in ((stats, x64.var(1, keepdims=True)),
                          (ms, (x64**2).mean(1, keepdims=True))):
@@ -547,7 +570,7 @@ def test_branch_free_output_mean_is_zero_to_float32():
     # zero to float32 precision, because the first pass's mean is corrected by the
     # mean deviation from it (0.2e-6 without that offset).
     rng = np.random.default_rng(1)
-    x = np.zeros((2049, 1024))
+    x = np.zeros((32769, 64))
     for row in x:
         m = 2.0 ** rng.uniform(4, 30)
         row[:] = m + rng.integers(-2, 3, row.size) * m * 2.0**-8
@@ -577,7 +600,7 @@ def test_large_float16_rows_within_resolution(name):
     _within_resolution(y, case.reference(x64, scale, bias), jnp.float16)
 
 
-@pytest.mark.parametrize("shape", [(4, 64), (2731, 768)])
+@pytest.mark.parametrize("shape", [(4, 64), (32769, 64)])
 def test_bfloat16_rows_half_a_unit_off_the_grid_have_the_exact_variance(shape):
     # Rows of two neighbouring bfloat16 values, half and half: the mean is half a
     # unit in the last place from each, the farthest the branch-free path's
