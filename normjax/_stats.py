@@ -341,12 +341,13 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     else:
         # XLA merges identical conversions into one, and writes a conversion
         # that several kernels read out in full: a float32 copy of a bfloat16
-        # x, read back by both sums and the output (bfloat16 batch norm
-        # training 4096x768 forward: 3.7 against 0.9 ms through the barriers,
-        # the same process). Through optimization barriers, each sum gets a
-        # conversion of its own, fused into its kernel, and the output the
-        # plain one; the second barrier carries the mean, so that the two are
-        # not alike.
+        # x, read back by both sums (bfloat16 forward, same process: batch
+        # norm training 512x4096 1.24 against 0.71 ms through the barriers,
+        # Flax 1.11; layer norm 1024x1024 0.48 against 0.20, Flax 0.33).
+        # Through optimization barriers, each sum gets a conversion of its
+        # own, fused into its kernel, and the output the plain one; the
+        # second barrier carries the mean, so that XLA cannot tell the two
+        # apart by a dropped constant and merge them again.
         mean = sets.total(counted(lax.optimization_barrier(raw).astype(x.dtype))) / safe_n
         raw_sq, mean = lax.optimization_barrier((raw, mean))
         x_sq = raw_sq.astype(x.dtype)
