@@ -304,6 +304,25 @@ def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, 
     return tuple(1 if a in axes else d for a, d in enumerate(shape))
 
 
+def _own_conversion(raw: Array, dtype: Any, dep: Any) -> tuple[Array, Any]:
+    """``(raw.astype(dtype), dep)`` for one reduction alone.
+
+    XLA merges identical conversions into one, and writes a conversion that
+    several kernels read out in full: a float32 copy of a bfloat16 x, read
+    back by every sum (bfloat16 forward, same process: batch norm training
+    512x4096 1.24 against 0.71 ms this way, Flax 1.11; layer norm 1024x1024
+    0.48 against 0.20, Flax 0.33). Through an optimization barrier each
+    reduction gets a conversion of its own, fused into its kernel. ``dep``,
+    a value the caller uses afterwards, passes the barrier too, so that no
+    two barriers are alike and XLA cannot merge them (barriers that differed
+    only by a constant were merged again).
+    """
+    if raw.dtype == dtype:
+        return raw, dep
+    raw, dep = lax.optimization_barrier((raw, dep))
+    return raw.astype(dtype), dep
+
+
 # One pass (E[x^2] - E[x]^2) is used only where it cannot cancel badly: where
 # every set's squared mean is at most this many times its variance. Its
 # rounding error is then at most (1 + 3 * _ONE_PASS_RATIO) times the two-pass
@@ -335,22 +354,10 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     def counted(v: Array) -> Array:
         return v if sets.mask is None else jnp.where(sets.mask, v, 0)
 
-    if raw.dtype == x.dtype:
-        mean = sets.total(counted(x)) / safe_n
-        x_sq = x
-    else:
-        # XLA merges identical conversions into one, and writes a conversion
-        # that several kernels read out in full: a float32 copy of a bfloat16
-        # x, read back by both sums (bfloat16 forward, same process: batch
-        # norm training 512x4096 1.24 against 0.71 ms through the barriers,
-        # Flax 1.11; layer norm 1024x1024 0.48 against 0.20, Flax 0.33).
-        # Through optimization barriers, each sum gets a conversion of its
-        # own, fused into its kernel, and the output the plain one; the
-        # second barrier carries the mean, so that XLA cannot merge the two
-        # (barriers that differed only by a constant were merged again).
-        mean = sets.total(counted(lax.optimization_barrier(raw).astype(x.dtype))) / safe_n
-        raw_sq, mean = lax.optimization_barrier((raw, mean))
-        x_sq = raw_sq.astype(x.dtype)
+    # Each sum converts a bfloat16 x itself (the output the plain one).
+    x_sum, n_sum = _own_conversion(raw, x.dtype, safe_n)
+    mean = sets.total(counted(x_sum)) / n_sum
+    x_sq, mean = _own_conversion(raw, x.dtype, mean)
     var = sets.total(lax.square(counted(x_sq))) / safe_n - lax.square(mean)
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
 
@@ -362,35 +369,41 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
-        return _two_passes(raw.astype(x.dtype), sets, safe_n)
+        return _two_passes(raw, x.dtype, sets, safe_n)
 
     branch = sets.all_agree(one_pass)
     shift, offset, var, scale = lax.cond(branch, from_one_pass, from_two_passes, None)
     return n, shift, offset, var, scale
 
 
-def _two_passes(x: Array, sets: _Sets, safe_n: Array) -> tuple[Array, Array, Array, Array]:
-    """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes.
+def _two_passes(
+    raw: Array, dtype: Any, sets: _Sets, safe_n: Array
+) -> tuple[Array, Array, Array, Array]:
+    """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes
+    over ``raw`` converted to ``dtype`` (each reduction its own conversion).
 
     The squared deviations are always divided by the sets' magnitude (1 for
     data within [-1, 1]): this branch is the rare one, and one more pass here
     costs less compile time than a nested ``lax.cond`` on overflow.
     """
     mask = sets.mask
+    inv_n = 1 / safe_n
     if mask is None:
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0).
-        shift = sets.sample(x, 0)
+        shift = sets.sample(raw, 0).astype(dtype)
         # Deviations / n summed, so that near float32's largest values the sum
         # cannot overflow where the mean does not.
-        inv_n = 1 / safe_n
+        x, shift = _own_conversion(raw, dtype, shift)
         offset = sets.total((x - shift) * inv_n)
         # The variance pass and the output each get their own shift (see
-        # _distinct_shifts); the mean stays shift + offset.
+        # _distinct_shifts; rows too where x is converted, or XLA writes the
+        # broadcast shift out for both sums); the mean stays shift + offset.
         square_shift = out_shift = shift
         square_offset = out_offset = offset
-        if _distinct_shifts(x, sets.axes):
-            square_shift, out_shift = sets.sample(x, 1), sets.sample(x, 2)
+        if _distinct_shifts(raw, sets.axes) or raw.dtype != dtype:
+            square_shift = sets.sample(raw, 1).astype(dtype)
+            out_shift = sets.sample(raw, 2).astype(dtype)
             square_offset = (shift - square_shift) + offset
             out_offset = (shift - out_shift) + offset
         shift, offset = out_shift, out_offset
@@ -404,8 +417,9 @@ def _two_passes(x: Array, sets: _Sets, safe_n: Array) -> tuple[Array, Array, Arr
         # of the counted entries, and the offset corrects for its rounding
         # (Chan, Golub and LeVeque's corrected two-pass algorithm).
         # (Entries / n summed, as above.)
-        inv_n = 1 / safe_n
+        x, inv_n = _own_conversion(raw, dtype, inv_n)
         shift = lax.stop_gradient(sets.total(jnp.where(mask, x * inv_n, 0)))
+        x, shift = _own_conversion(raw, dtype, shift)
         offset = sets.total(jnp.where(mask, (x - shift) * inv_n, 0))
 
         def mean_square(x: Array, inv_scale: Array) -> Array:
@@ -413,7 +427,9 @@ def _two_passes(x: Array, sets: _Sets, safe_n: Array) -> tuple[Array, Array, Arr
             squares = sets.total(lax.square(d)) / safe_n
             return jnp.maximum(squares - lax.square(offset * inv_scale), 0)
 
+    x, offset = _own_conversion(raw, dtype, offset)
     scale = sets.magnitude(x)
+    x, scale = _own_conversion(raw, dtype, scale)
     return shift, offset, mean_square(x, 1 / scale), scale
 
 
@@ -432,14 +448,14 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
         xm = x if sets.mask is None else jnp.where(sets.mask, x, 0)
         return sets.total(lax.square(xm * inv_scale)) / safe_n
 
-    # A conversion of its own for the sum, as in _centered.
-    x_sq = x if raw.dtype == x.dtype else lax.optimization_barrier(raw).astype(x.dtype)
+    x_sq, _ = _own_conversion(raw, x.dtype, safe_n)
     plain = mean_square(x_sq, jnp.ones((), x.dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
         # Converts raw itself, as in _centered.
-        xs = raw.astype(x.dtype)
+        xs, _ = _own_conversion(raw, x.dtype, plain)
         scale = sets.magnitude(xs)
+        xs, scale = _own_conversion(raw, x.dtype, scale)
         return mean_square(xs, 1 / scale), scale
 
     finite = sets.all_agree(~jnp.any(jnp.isinf(plain)))

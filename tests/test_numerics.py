@@ -485,8 +485,10 @@ def test_statistics_of_hard_rows_are_exact(path, jit):
 def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
     # XLA merges identical conversions into one and writes a conversion that
     # several kernels read out in full: a float32 copy of the input, read back
-    # by each sum. Through optimization barriers, each sum of the guarded path
-    # converts x inside its own kernel instead.
+    # by each sum. Through optimization barriers, each sum of the guarded path,
+    # and of its exact branch, converts x inside its own kernel instead: the
+    # forward keeps no buffer of half a float32 copy's size (the statistics
+    # take 2-33 KB here, a copy 128 KB).
     x = jnp.asarray(_normal(24, (16, 8, 8, 32)), jnp.bfloat16)
     ops = {
         "batch_norm": lambda x: nj.batch_norm(x, nj.batch_norm_state(32), training=True)[0],
@@ -495,8 +497,10 @@ def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
         "instance_norm": nj.instance_norm,
         "group_norm": lambda x: nj.group_norm(x, num_groups=8),
     }
-    hlo = jax.jit(ops[name]).lower(x).compile().as_text()
+    compiled = jax.jit(ops[name]).lower(x).compile()
+    hlo = compiled.as_text()
     assert "f32[16,8,8,32]" not in hlo[hlo.index("ENTRY"):]
+    assert compiled.memory_analysis().temp_size_in_bytes < x.size * 4 / 2
 
 
 # ------------------------------------------- large half-precision rows: branch-free path
