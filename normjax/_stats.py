@@ -193,11 +193,11 @@ class _Sets(NamedTuple):
             size *= shape[-1] // self.channel_groups
         return size
 
-    def count(self, x: Array) -> Array:
-        """The number of counted entries in each set, in x's dtype."""
+    def count(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        """The number of counted entries in each set of an array of ``shape``, in ``dtype``."""
         if self.mask is not None:
-            return self.total(self.mask.astype(x.dtype))
-        n = jnp.full(_reduced_shape(x.shape, self.axes), self.size(x.shape), x.dtype)
+            return self.total(self.mask.astype(dtype))
+        n = jnp.full(_reduced_shape(shape, self.axes), self.size(shape), dtype)
         if self.axis_name is None:
             return n
         return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
@@ -347,17 +347,17 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     References: Chan, Golub and LeVeque 1983 (the shifted and corrected
     two-pass algorithms; the error bound of the one-pass formula).
     """
-    x = raw.astype(stat_dtype(raw.dtype))
-    n = sets.count(x)
+    dtype = stat_dtype(raw.dtype)
+    n = sets.count(raw.shape, dtype)
     safe_n = jnp.maximum(n, 1)
 
     def counted(v: Array) -> Array:
         return v if sets.mask is None else jnp.where(sets.mask, v, 0)
 
     # Each sum converts a bfloat16 x itself (the output the plain one).
-    x_sum, n_sum = _own_conversion(raw, x.dtype, safe_n)
+    x_sum, n_sum = _own_conversion(raw, dtype, safe_n)
     mean = sets.total(counted(x_sum)) / n_sum
-    x_sq, mean = _own_conversion(raw, x.dtype, mean)
+    x_sq, mean = _own_conversion(raw, dtype, mean)
     var = sets.total(lax.square(counted(x_sq))) / safe_n - lax.square(mean)
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
 
@@ -369,7 +369,7 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
-        return _two_passes(raw, x.dtype, sets, safe_n)
+        return _two_passes(raw, dtype, sets, safe_n)
 
     branch = sets.all_agree(one_pass)
     shift, offset, var, scale = lax.cond(branch, from_one_pass, from_two_passes, None)
@@ -440,22 +440,22 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     overflowed, behind a ``lax.cond``: ordinary data pays one comparison on
     the (small) statistics for it.
     """
-    x = raw.astype(stat_dtype(raw.dtype))
-    n = sets.count(x)
+    dtype = stat_dtype(raw.dtype)
+    n = sets.count(raw.shape, dtype)
     safe_n = jnp.maximum(n, 1)
 
     def mean_square(x: Array, inv_scale: Array) -> Array:
         xm = x if sets.mask is None else jnp.where(sets.mask, x, 0)
         return sets.total(lax.square(xm * inv_scale)) / safe_n
 
-    x_sq, _ = _own_conversion(raw, x.dtype, safe_n)
-    plain = mean_square(x_sq, jnp.ones((), x.dtype))
+    x_sq, _ = _own_conversion(raw, dtype, safe_n)
+    plain = mean_square(x_sq, jnp.ones((), dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
         # Converts raw itself, as in _centered.
-        xs, _ = _own_conversion(raw, x.dtype, plain)
+        xs, _ = _own_conversion(raw, dtype, plain)
         scale = sets.magnitude(xs)
-        xs, scale = _own_conversion(raw, x.dtype, scale)
+        xs, scale = _own_conversion(raw, dtype, scale)
         return mean_square(xs, 1 / scale), scale
 
     finite = sets.all_agree(~jnp.any(jnp.isinf(plain)))
@@ -526,7 +526,7 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float) -> Moments:
     underflowed downscaled one only ever falls short.
     """
     x = raw.astype(stat_dtype(raw.dtype))
-    n = sets.count(x)
+    n = sets.count(x.shape, x.dtype)
     # x scaled by a power of two near 1 / n (it costs the forward 10-20%), and
     # the mean rounded by a conversion, not lax.reduce_precision (2.4x slower)
     # nor replaced by a slice of x (2x): XLA keeps the statistics and the
