@@ -7,6 +7,7 @@ import functools
 import chex
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -470,8 +471,21 @@ def test_layers_of_one_configuration_share_one_traced_core():
             x = jnp.tanh(nj.layer_norm(x))
         return nj.layer_norm(x, epsilon=1e-3) + nj.layer_norm(x, dtype=jnp.bfloat16)
 
+    def custom_jvp_calls(jaxpr):
+        # also inside calls that a JAX version does not inline
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "custom_jvp_call":
+                yield eqn
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        sub = sub.jaxpr
+                    if isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from custom_jvp_calls(sub)
+
     x = jnp.asarray(_normal(0, (4, 8)))
-    calls = [e for e in jax.make_jaxpr(stack)(x).eqns if e.primitive.name == "custom_jvp_call"]
+    calls = list(custom_jvp_calls(jax.make_jaxpr(stack)(x).jaxpr))
     assert len(calls) == 5
     for param in ("call_jaxpr", "jvp_jaxpr_fun"):
         traced = [e.params[param] for e in calls]
