@@ -15,11 +15,16 @@ apply them, so the numerics are fixed once:
   held as a shift (one sample of the data) plus an offset, so a constant set
   is exactly constant (variance exactly 0) and the normalized output keeps
   the precision of the deviations.
-* Large bfloat16 inputs in short rows (layer norm over the last axis, at
-  most 64 entries a row, with no mask and no ``axis_name``) take a
-  branch-free path instead, as exact: a ``lax.cond`` would split what XLA on
-  the CPU compiles as one kernel that reads the bfloat16 input once (see
-  :func:`_branch_free`).
+* A branch-free path, as exact, sums the squared deviations both plainly and
+  downscaled and keeps whichever is right (see :func:`_branch_free`). The
+  CPU takes it for large bfloat16 inputs in short rows (layer norm over the
+  last axis, at most 64 entries a row), where a ``lax.cond`` would split what
+  XLA compiles as one kernel that reads the bfloat16 input once. Other
+  platforms take it wherever there is no mask and no ``axis_name`` (and the
+  statistics are float32): XLA on the GPU compiles a ``lax.cond`` into both
+  branches and a select, so the guarded path would always pay for its exact
+  passes. Which path runs is chosen as the program is lowered
+  (``lax.platform_dependent``).
 * Across devices the sums and counts are combined with ``psum``, so the
   statistics are exact over the union of all devices' masked entries, not a
   mean of per-device means.
@@ -470,29 +475,41 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
 _DOWNSCALE_EXPONENT = -76
 _DOWNSCALE = 2.0**_DOWNSCALE_EXPONENT
 
-# The branch-free path takes inputs of more entries than this, in rows of at
-# most _BRANCH_FREE_ROWS_UP_TO.
+# On the CPU the branch-free path takes inputs of more entries than this, in
+# rows of at most _BRANCH_FREE_ROWS_UP_TO.
 _BRANCH_FREE_ABOVE = 2**21
 _BRANCH_FREE_ROWS_UP_TO = 64
 
 
-def _use_branch_free(raw: Array, sets: _Sets, center: bool) -> bool:
-    """Whether :func:`_branch_free` computes the statistics of ``raw``.
+def _branch_free_allowed(raw: Array, sets: _Sets) -> bool:
+    """Whether :func:`_branch_free` can compute the statistics of ``raw`` at all:
+    float32 statistics (its downscaling is sized for float32's range), no mask
+    and no cross-device sum, and no empty set."""
+    return (
+        stat_dtype(raw.dtype) == jnp.float32
+        and sets.mask is None
+        and sets.axis_name is None
+        and sets.size(raw.shape) > 0
+    )
+
+
+def _branch_free_on_cpu(raw: Array, sets: _Sets, center: bool) -> bool:
+    """Whether :func:`_branch_free` is the faster path on the CPU.
 
     For large bfloat16 inputs in short rows, centered (layer norm over the
-    last axis), with no mask and no cross-device sum. XLA on the CPU compiles
-    such a normalization, statistics and output, into one kernel that
-    converts the bfloat16 input as it reads it, but only if no ``lax.cond``,
-    no select and no statistic leaves the kernel. The guarded path reads x
-    once for each sum and once for the output (each with a conversion of its
-    own, see :func:`_centered`), and in rows of up to 64 entries, each a
-    small reduction, that measured slower: layer norm forward 65536x64, 2.3-2.6x
-    Flax guarded against 1.9-2.0x branch-free. In longer rows the one
-    kernel's work per entry, which an exact kernel needs more of than Flax's,
-    costs more than the extra reads: 4096x768 1.0x guarded against 2.0x,
-    512x8192 0.3x against 1.8x, 32768x128 1.6x against 1.9x; RMS norm
-    65536x64 1.2-1.6x against 1.5x. In float32, for sets off the last axis,
-    for float16 and on small inputs the guarded path is the faster.
+    last axis). XLA on the CPU compiles such a normalization, statistics and
+    output, into one kernel that converts the bfloat16 input as it reads it,
+    but only if no ``lax.cond``, no select and no statistic leaves the kernel.
+    The guarded path reads x once for each sum and once for the output (each
+    with a conversion of its own, see :func:`_centered`), and in rows of up to
+    64 entries, each a small reduction, that measured slower: layer norm
+    forward 65536x64, 2.3-2.6x Flax guarded against 1.9-2.0x branch-free. In
+    longer rows the one kernel's work per entry, which an exact kernel needs
+    more of than Flax's, costs more than the extra reads: 4096x768 1.0x
+    guarded against 2.0x, 512x8192 0.3x against 1.8x, 32768x128 1.6x against
+    1.9x; RMS norm 65536x64 1.2-1.6x against 1.5x. In float32, for sets off
+    the last axis, for float16 and on small inputs the guarded path is the
+    faster.
     """
     return (
         center
@@ -500,18 +517,16 @@ def _use_branch_free(raw: Array, sets: _Sets, center: bool) -> bool:
         and sets.size(raw.shape) <= _BRANCH_FREE_ROWS_UP_TO
         and raw.dtype == jnp.bfloat16
         and raw.ndim - 1 in sets.axes
-        and sets.mask is None
-        and sets.axis_name is None
         and sets.channel_groups is None
     )
 
 
-def _branch_free(raw: Array, sets: _Sets, epsilon: float) -> Moments:
-    """Centered :class:`Moments` without a branch or a select, as exact as the
-    guarded path.
+def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
+    """:class:`Moments` without a branch or a select, as exact as the guarded
+    path (centered, or with ``center=False`` the mean square).
 
     The shift is the mean from a first pass, rounded to x's
-    (bfloat16) precision: for a constant set that is its value, so that the
+    precision: for a constant set that is its value, so that the
     set is exactly constant; otherwise it is within half a unit in x's last
     place of the mean. The second pass sums the deviations from the shift
     (the offset, Chan, Golub and LeVeque's correction) and their squares, so
@@ -527,29 +542,39 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float) -> Moments:
     """
     x = raw.astype(stat_dtype(raw.dtype))
     n = sets.count(x.shape, x.dtype)
-    # x scaled by a power of two near 1 / n (it costs the forward 10-20%), and
-    # the mean rounded by a conversion, not lax.reduce_precision (2.4x slower)
-    # nor replaced by a slice of x (2x): XLA keeps the statistics and the
-    # output in one kernel only this way.
-    size = sets.size(x.shape)
-    scale = 2.0 ** -math.ceil(math.log2(size))
-    mean = sets.total(x * scale) * (1 / (size * scale))
-    shift = lax.stop_gradient(mean.astype(raw.dtype).astype(x.dtype))
-    d = x - shift
-    offset = sets.total(d) / n
+    if center:
+        # x scaled by a power of two near 1 / n (it costs the forward 10-20%),
+        # and the mean rounded by a conversion, not lax.reduce_precision (2.4x
+        # slower) nor replaced by a slice of x (2x): XLA on the CPU keeps the
+        # statistics and the output in one kernel only this way.
+        size = sets.size(x.shape)
+        scale = 2.0 ** -math.ceil(math.log2(size))
+        mean = sets.total(x * scale) * (1 / (size * scale))
+        shift = lax.stop_gradient(mean.astype(raw.dtype).astype(x.dtype))
+        d = x - shift
+        offset = sets.total(d) / n
+    else:
+        d = x
+        shift = offset = jnp.zeros_like(n)
     # The plain sum clipped at float32's largest: where it overflowed, it then
     # falls short too, and the downscaled sum (exact there) gives the smaller
     # reciprocal std. Clipping the sum, not each square, costs no operation
-    # per entry (4096x768 forward: 1.40 against 1.81 ms capped; Flax 0.66).
+    # per entry (CPU, 4096x768 forward: 1.40 against 1.81 ms capped; Flax 0.66).
     plain_sum = jnp.minimum(sets.total(lax.square(d)), jnp.finfo(x.dtype).max)
     plain = jnp.maximum(plain_sum / n - lax.square(offset), 0)
     # The corrected downscaled mean square as (a - b)(a + b), not a^2 - b^2: XLA
     # rewrites (offset * _DOWNSCALE)^2 as offset^2 * 2^-152, which is
     # offset^2 * 0 in float32. ldexp would be exact too, but its selects
     # split the bfloat16 rows' kernel (4096x768 forward: 3.7 ms against 1.4).
+    # Less the smallest normal number: where the downscaled squares are
+    # subnormal (deviations below 2^13; the GPU keeps subnormals, the CPU
+    # flushes them) each is rounded to within 2^-150, which alone could make
+    # the downscaled estimate the larger and wrong (a variance of 3868 read
+    # 3872). 2^-126 is 2^26 in the variance, where the plain sum is exact.
     root = lax.sqrt(sets.total(lax.square(d * _DOWNSCALE)) / n)
     scaled_offset = jnp.abs(offset) * _DOWNSCALE
-    downscaled = jnp.maximum((root - scaled_offset) * (root + scaled_offset), 0)
+    tiny = jnp.finfo(x.dtype).tiny
+    downscaled = jnp.maximum((root - scaled_offset) * (root + scaled_offset) - tiny, 0)
     inv_std = jnp.minimum(
         lax.rsqrt(plain + epsilon),
         lax.rsqrt(downscaled + epsilon * _DOWNSCALE**2) * _DOWNSCALE,
@@ -558,6 +583,49 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float) -> Moments:
     # into one factor, and 2^152 is beyond float32.
     var = jnp.maximum(plain, jnp.ldexp(downscaled, -2 * _DOWNSCALE_EXPONENT))
     return Moments(shift, offset, var, inv_std, n)
+
+
+def _guarded(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
+    """:class:`Moments` from the one-pass sums, with the exact passes behind a
+    ``lax.cond`` (see :func:`_centered` and :func:`_mean_square`)."""
+    if center:
+        n, shift, offset, var, scale = _centered(raw, sets)
+    else:
+        n, var, scale = _mean_square(raw, sets)
+        shift = offset = jnp.zeros_like(var)
+    # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
+    # floored at the smallest normal so that a zero variance stays finite.
+    tiny = jnp.finfo(var.dtype).tiny
+    inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
+    # A constant set of |x| > 1e16 floors that term: its inv_std is that of var 0.
+    # (Any other set of such x has a variance far above epsilon.)
+    inv_std = jnp.where(var > 0, inv_std, lax.rsqrt(jnp.asarray(epsilon, var.dtype)))
+    inv_std = jnp.where(n > 0, inv_std, 0)
+    # var * scale^2 would overflow where scale^2 does, not only where var does.
+    return Moments(shift, offset, (var * scale) * scale, inv_std, n)
+
+
+def _moments_of_sets(
+    x: Array, sets: _Sets, epsilon: float, center: bool, branch_free: bool, derivative: bool
+) -> Moments:
+    """:func:`moments`, choosing the path per platform as it is lowered.
+
+    On the CPU, the branch-free path only where :func:`_branch_free_on_cpu`
+    (and never for the derivative, whose statistics leave the kernel anyway:
+    guarded, the bfloat16 layer and RMS norm fwd+bwd measured 3-25% faster).
+    Elsewhere, wherever it is allowed: XLA on the GPU turns the guard's
+    ``lax.cond`` into both branches and a select, so the exact passes always
+    ran. On an H100, against Flax (forward, forward+backward): layer norm
+    4096x768 1.12x/1.32x guarded, 0.81x/1.14x branch-free; group norm
+    32x32x32x128 1.21x/1.04x against 0.95x/0.87x; the layer norm MLP's
+    training step 1.11x against 0.96x.
+    """
+    if not (branch_free and _branch_free_allowed(x, sets)):
+        return _guarded(x, sets, epsilon, center)
+    on_cpu = not derivative and _branch_free_on_cpu(x, sets, center)
+    free = functools.partial(_branch_free, sets=sets, epsilon=epsilon, center=center)
+    guarded = functools.partial(_guarded, sets=sets, epsilon=epsilon, center=center)
+    return lax.platform_dependent(x, cpu=free if on_cpu else guarded, default=free)
 
 
 def moments(
@@ -589,7 +657,7 @@ def moments(
         contain, in this many contiguous groups (group normalization): each
         set is ``axes`` times one group's channels.
       branch_free: allow the branch-free path where it is the faster (see
-        :func:`_use_branch_free`); the same statistics up to rounding.
+        :func:`_moments_of_sets`); the same statistics up to rounding.
 
     Returns:
       :class:`Moments`, each of x's rank with size-1 reduced axes (with
@@ -601,6 +669,12 @@ def moments(
       ValueError: ``channel_groups`` does not divide the channels, or
         ``axes`` contains the channel axis with ``channel_groups``.
     """
+    _check_channel_groups(x, axes, channel_groups)
+    sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
+    return _moments_of_sets(x, sets, epsilon, center, branch_free, derivative=False)
+
+
+def _check_channel_groups(x: Array, axes: tuple[int, ...], channel_groups: int | None) -> None:
     if channel_groups is not None and (
         x.ndim - 1 in axes or x.shape[-1] % channel_groups or channel_groups < 1
     ):
@@ -608,24 +682,6 @@ def moments(
             f"`channel_groups`={channel_groups!r} must divide the {x.shape[-1]} channels of "
             f"the last axis, which `axes`={axes!r} must not contain."
         )
-    sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
-    if branch_free and _use_branch_free(x, sets, center):
-        return _branch_free(x, sets, epsilon)
-    if center:
-        n, shift, offset, var, scale = _centered(x, sets)
-    else:
-        n, var, scale = _mean_square(x, sets)
-        shift = offset = jnp.zeros_like(var)
-    # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
-    # floored at the smallest normal so that a zero variance stays finite.
-    tiny = jnp.finfo(var.dtype).tiny
-    inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
-    # A constant set of |x| > 1e16 floors that term: its inv_std is that of var 0.
-    # (Any other set of such x has a variance far above epsilon.)
-    inv_std = jnp.where(var > 0, inv_std, lax.rsqrt(jnp.asarray(epsilon, var.dtype)))
-    inv_std = jnp.where(n > 0, inv_std, 0)
-    # var * scale^2 would overflow where scale^2 does, not only where var does.
-    return Moments(shift, offset, (var * scale) * scale, inv_std, n)
 
 
 def normalize(
@@ -670,8 +726,8 @@ def standardize(
     """:func:`moments` then :func:`normalize`, with the analytic derivative.
 
     The values are exactly those of ``normalize(x, moments(x, ...), ...)``;
-    under differentiation, those of ``moments(..., branch_free=False)``, the
-    same up to rounding.
+    under differentiation, those of the path :func:`_moments_of_sets` picks
+    for the derivative, the same up to rounding.
     The derivative is the closed form of batch/layer normalization's
     (a ``jax.custom_jvp``, so forward mode, reverse mode and higher orders all
     work): with ``xhat = (x - mean) * inv_std`` and means over the counted
@@ -733,27 +789,22 @@ def _standardize_op(
     same layer norm MLP's training step ran 14% slower (6.5 ms against 5.7).
     """
 
-    def forward(branch_free: bool) -> Callable:
+    def forward(derivative: bool) -> Callable:
         def standardized(x: Array, scale: Array | None, bias: Array | None, mask: Array | None):
-            stats = moments(
-                x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, center=center,
-                channel_groups=channel_groups, branch_free=branch_free,
-            )  # fmt: skip
+            _check_channel_groups(x, axes, channel_groups)
+            sets = _Sets(axes, channel_groups, mask, axis_name, axis_index_groups)
+            stats = _moments_of_sets(x, sets, epsilon, center, True, derivative)
             return normalize(x, stats, scale, bias, feature_axes, dtype), stats
 
         return standardized
 
-    op = jax.custom_jvp(forward(branch_free=True))
+    op = jax.custom_jvp(forward(derivative=False))
 
     @op.defjvp
     def op_jvp(primals: tuple, tangents: tuple) -> tuple:
         x, scale, bias, mask = primals
         dx, dscale, dbias, _ = tangents
-        # The statistics are the derivative's residuals, so they leave the
-        # kernel and the branch-free path has nothing to gain: guarded, the
-        # bfloat16 layer and RMS norm fwd+bwd measured 3-25% faster.
-        y, stats = forward(branch_free=False)(x, scale, bias, mask)
+        y, stats = forward(derivative=True)(x, scale, bias, mask)
         cdt = stats.inv_std.dtype
         inv = stats.inv_std
         xc = x.astype(cdt)

@@ -7,6 +7,7 @@ exact input values the op sees.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -76,6 +77,13 @@ ALL_CASES = {**CASES, "rms_norm": RMS}
 
 def _normal(seed, shape):
     return np.random.default_rng(seed).normal(size=shape)
+
+
+def _cpu_hlo(fn, *args):
+    """``fn``'s compiled HLO on the CPU, whatever the default backend: the
+    structure the CPU's choice of path is made for."""
+    args = jax.device_put(args, jax.devices("cpu")[0])
+    return jax.jit(fn).lower(*args).compile().as_text()
 
 
 def _affine(case: Case, seed: int = 100):
@@ -410,8 +418,7 @@ def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it(
     np.testing.assert_allclose(np.asarray(per_row(x), np.float64), expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(per_row(x[[0, 1, 3]]), np.float64),
                                expected[[0, 1, 3]], rtol=0, atol=5e-6)
-    compiled = per_row.lower(x).compile().as_text()
-    assert "conditional(" in compiled
+    assert "conditional(" in _cpu_hlo(per_row, x)  # on the CPU, which keeps the guard
     weights = np.linspace(-1.0, 1.0, 256)
     grads = jax.vmap(jax.grad(lambda r: jnp.sum(nj.layer_norm(r) * weights)))(x)
     expected_grads = ref.normalize_grad(x, np.broadcast_to(weights, x.shape), 1, 1e-6)
@@ -461,23 +468,75 @@ def _assert_exact_statistics(stats, ms, x64):
     assert np.isinf(np.asarray(ms.var)[~finite]).all()
 
 
-@pytest.mark.parametrize("path", ["branch-free bfloat16", "guarded float32"])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_statistics_of_hard_rows_are_exact(path, jit):
-    branch_free = path.startswith("branch-free")
-    x64 = _hard_bfloat16_rows() if branch_free else _hard_float32_rows()
-    x = jnp.asarray(x64, jnp.bfloat16 if branch_free else jnp.float32)
+def _statistics_by_path(path, axes, channel_groups=None):
+    """Both statistics (centered and mean square) of one path: as ``moments``
+    dispatches them on this platform, guarded, or branch-free (the path every
+    unmasked float32-statistics norm takes off the CPU)."""
+    sets = nj._stats._Sets(axes, channel_groups, None, None, None)
 
     def statistics(x):
-        return (nj._stats.moments(x, (1,), epsilon=1e-6),
-                nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
+        if path == "branch-free":
+            return tuple(nj._stats._branch_free(x, sets, 1e-6, center) for center in (True, False))
+        kw = dict(epsilon=1e-6, channel_groups=channel_groups, branch_free=path == "default")
+        return (nj._stats.moments(x, axes, **kw), nj._stats.moments(x, axes, center=False, **kw))
 
-    # The path under test (under jit, XLA also folds constant rescalings that
-    # eager dispatch leaves alone, hence both). RMS norm's statistics take the
-    # guarded path in every dtype.
-    hlo = jax.jit(lambda x: statistics(x)[0]).lower(x).compile().as_text()
-    assert ("conditional" in hlo) != branch_free
+    return statistics
+
+
+@pytest.mark.parametrize("path", ["default", "guarded", "branch-free"])
+@pytest.mark.parametrize("data", ["bfloat16 rows of 64", "float32 rows of 256"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_statistics_of_hard_rows_are_exact(path, data, jit):
+    bfloat16 = data.startswith("bfloat16")
+    x64 = _hard_bfloat16_rows() if bfloat16 else _hard_float32_rows()
+    x = jnp.asarray(x64, jnp.bfloat16 if bfloat16 else jnp.float32)
+    # (Under jit, XLA also folds constant rescalings that eager dispatch leaves
+    # alone, hence both.)
+    statistics = _statistics_by_path(path, (1,))
     _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
+
+
+def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_layer_norm():
+    def conditionals(x, center):
+        return _cpu_hlo(lambda x: nj._stats.moments(x, (1,), epsilon=1e-6, center=center),
+                        x).count("conditional(")
+
+    rows = jnp.asarray(_hard_bfloat16_rows(), jnp.bfloat16)
+    assert conditionals(rows, center=True) == 0
+    assert conditionals(rows, center=False) > 0  # RMS norm's statistics: guarded
+    assert conditionals(rows.astype(jnp.float32), center=True) > 0
+    assert conditionals(rows[:4], center=True) > 0
+
+
+@pytest.mark.parametrize("path", ["default", "guarded", "branch-free"])
+@pytest.mark.parametrize(
+    "shape, axes, channel_groups, sets",
+    [
+        ((256, 16), (0,), None, lambda y: y.T),  # batch norm
+        ((4, 256, 4), (1,), None, lambda y: y.transpose(0, 2, 1).reshape(16, 256)),  # instance
+        ((2, 64, 32), (1,), 8,  # group norm, 8 groups of 4 channels
+         lambda y: y.reshape(2, 64, 8, 4).transpose(0, 2, 1, 3).reshape(16, 256)),
+        ((16, 16, 16), (1, 2), None, lambda y: y.reshape(16, 256)),  # layer norm of images
+    ],
+    ids=["batch", "instance", "group", "layer-2d"])
+def test_statistics_of_hard_sets_of_every_shape_are_exact(path, shape, axes, channel_groups,
+                                                          sets):
+    # The hard float32 rows laid out as the sets of batch, instance, group and
+    # 2-D layer norm.
+    index = sets(np.arange(int(np.prod(shape))).reshape(shape))
+    x64 = np.empty(int(np.prod(shape)))
+    x64[index] = _hard_float32_rows()
+    x64 = x64.reshape(shape)
+    stats, ms = jax.jit(_statistics_by_path(path, axes, channel_groups))(jnp.asarray(x64,
+                                                                                  jnp.float32))
+
+    def per_set(moments):
+        return types.SimpleNamespace(**{
+            name: sets(np.broadcast_to(np.asarray(getattr(moments, name), np.float64),
+                                       shape))[:, :1]
+            for name in ("mean", "var", "inv_std")})
+
+    _assert_exact_statistics(per_set(stats), per_set(ms), sets(x64))
 
 
 @pytest.mark.parametrize(
@@ -497,7 +556,8 @@ def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
         "instance_norm": nj.instance_norm,
         "group_norm": lambda x: nj.group_norm(x, num_groups=8),
     }
-    compiled = jax.jit(ops[name]).lower(x).compile()
+    # (XLA on the CPU: the GPU compiles the branch-free path, a kernel of its own.)
+    compiled = jax.jit(ops[name]).lower(jax.device_put(x, jax.devices("cpu")[0])).compile()
     hlo = compiled.as_text()
     assert "f32[16,8,8,32]" not in hlo[hlo.index("ENTRY"):]
     assert compiled.memory_analysis().temp_size_in_bytes < x.size * 4 / 2
@@ -529,9 +589,9 @@ def test_large_bfloat16_rows_within_resolution(name):
     case = ALL_CASES[name]
     scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
     op = jax.jit(lambda x: case.op(x, scale, bias))
-    # Layer norm: one kernel, no conditional (the branch-free path, not the
-    # guarded one); RMS norm: guarded.
-    assert ("conditional" not in op.lower(x).compile().as_text()) == (name == "layer_norm")
+    # On the CPU, layer norm: one kernel, no conditional (the branch-free path,
+    # not the guarded one); RMS norm: guarded.
+    assert ("conditional" not in _cpu_hlo(op, x)) == (name == "layer_norm")
     y = op(x)
     chex.assert_type(y, jnp.bfloat16)
     _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
@@ -555,8 +615,9 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
         return (nj._stats.moments(x, (1,), epsilon=1e-6),
                 nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
 
-    # layer norm's on the branch-free path, RMS norm's guarded
-    assert "conditional" not in jax.jit(lambda x: statistics(x)[0]).lower(x).compile().as_text()
+    # layer norm's on the branch-free path, RMS norm's guarded (on the CPU;
+    # elsewhere both branch-free)
+    assert "conditional" not in _cpu_hlo(lambda x: statistics(x)[0], x)
     stats, ms = jax.jit(statistics)(x)
     for moments, var in ((stats, x64.var(1, keepdims=True)),
                          (ms, (x64**2).mean(1, keepdims=True))):
