@@ -10,8 +10,9 @@ the jit-compiled forward pass and of forward+backward (the gradient of
   data far from zero);
 * ``flax-stable``: the same with ``use_fast_variance=False`` (a stable variance,
   the fair comparison);
-* ``torch``: ``torch.nn.functional`` on the CPU, when PyTorch is installed
-  (channels-first NCHW tensors, PyTorch's native layout);
+* ``torch``: ``torch.nn.functional``, when PyTorch is installed (channels-first
+  NCHW tensors, PyTorch's native layout), on the CPU, or on CUDA when JAX runs
+  on a GPU and PyTorch sees one (``--torch-device``);
 
 and a copy floor (``y = 2x + 1`` on the same array). All implementations get the
 same constructor arguments; the output dtype is the input's (``dtype=x.dtype``).
@@ -149,22 +150,25 @@ def _jax_impl(module: nn.Module, x: jax.Array, g: jax.Array) -> Compiled:
     return Compiled(lambda: fwd(params, x), lambda: fwd_bwd(params, x), temp)
 
 
-def _torch_impl(op: str, x_nhwc: np.ndarray, g_nhwc: np.ndarray, dtype: str) -> Compiled:
-    """PyTorch CPU forward and forward+backward; 4-D inputs as NCHW tensors."""
+def _torch_impl(
+    op: str, x_nhwc: np.ndarray, g_nhwc: np.ndarray, dtype: str, device: str
+) -> Compiled:
+    """PyTorch forward and forward+backward on ``device``; 4-D inputs as NCHW tensors."""
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     def to_torch(a: np.ndarray) -> Any:
         t = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
         if t.ndim == 4:
             t = t.permute(0, 3, 1, 2).contiguous()
-        return t.to(tdtype)
+        return t.to(device=device, dtype=tdtype)
 
     x, g = to_torch(x_nhwc), to_torch(g_nhwc).float()
     channels = x_nhwc.shape[-1]
-    weight = torch.ones(channels, dtype=torch.float32)
-    bias = torch.zeros(channels, dtype=torch.float32)
-    running_mean = torch.zeros(channels)
-    running_var = torch.ones(channels)
+    f32 = dict(dtype=torch.float32, device=device)
+    weight = torch.ones(channels, **f32)
+    bias = torch.zeros(channels, **f32)
+    running_mean = torch.zeros(channels, **f32)
+    running_var = torch.ones(channels, **f32)
 
     def call(x: Any, w: Any, b: Any) -> Any:
         if op == "layer_norm":
@@ -203,7 +207,9 @@ def _torch_impl(op: str, x_nhwc: np.ndarray, g_nhwc: np.ndarray, dtype: str) -> 
     return Compiled(fwd, fwd_bwd, None)
 
 
-def build_case(case: Case) -> tuple[dict[str, Compiled], Callable[[], Any]]:
+def build_case(
+    case: Case, torch_device: str = "cpu"
+) -> tuple[dict[str, Compiled], Callable[[], Any]]:
     """Every implementation of ``case``, plus the copy floor."""
     dtype = jnp.dtype(case.dtype)
     kx, kg = jax.random.split(jax.random.key(len(case.label)))
@@ -216,7 +222,7 @@ def build_case(case: Case) -> tuple[dict[str, Compiled], Callable[[], Any]]:
     }
     if torch is not None:
         xf = np.asarray(x.astype(jnp.float32))
-        impls["torch"] = _torch_impl(case.op, xf, np.asarray(g), case.dtype)
+        impls["torch"] = _torch_impl(case.op, xf, np.asarray(g), case.dtype, torch_device)
     copy = jax.jit(lambda x: 2 * x + 1).lower(x).compile()
     return impls, lambda: copy(x)
 
@@ -226,10 +232,12 @@ def build_case(case: Case) -> tuple[dict[str, Compiled], Callable[[], Any]]:
 
 
 def _block(out: Any) -> None:
-    """Waits for JAX's asynchronous dispatch; PyTorch on the CPU is synchronous."""
+    """Waits for JAX's asynchronous dispatch and PyTorch's CUDA stream."""
     for leaf in jax.tree.leaves(out):
         if isinstance(leaf, jax.Array):
             leaf.block_until_ready()
+        elif torch is not None and isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            torch.cuda.synchronize()
 
 
 def _calls_per_sample(fn: Callable[[], Any]) -> int:
@@ -296,10 +304,12 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def run(cases: Sequence[Case], reps: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def run(
+    cases: Sequence[Case], reps: int, log: Callable[[str], None], torch_device: str = "cpu"
+) -> list[dict[str, Any]]:
     rows = []
     for i, case in enumerate(cases):
-        impls, copy = build_case(case)
+        impls, copy = build_case(case, torch_device)
         times = time_case(impls, copy, reps, seed=i)
         row: dict[str, Any] = {"case": case, "copy": times[("copy", "fwd")]}
         for name in IMPLS:
@@ -420,7 +430,10 @@ def machine_line() -> str:
     versions = f"jax {jax.__version__}, flax {getattr(nn, '__version__', None) or _flax_ver()}"
     if torch is not None:
         versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    return f"Machine: {cpu}; {platform.system()}; {jax.default_backend()}; {versions}."
+    backend = jax.default_backend()
+    if backend != "cpu":
+        backend += f" ({jax.devices()[0].device_kind})"
+    return f"Machine: {cpu}; {platform.system()}; {backend}; {versions}."
 
 
 def _flax_ver() -> str:
@@ -443,6 +456,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument(
+        "--torch-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where PyTorch runs; auto: cuda when JAX runs on a GPU and PyTorch sees one",
+    )
     return p.parse_args(argv)
 
 
@@ -457,7 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no case matches --cases={args.cases!r}", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr, flush=True)
-    rows = run(cases, reps, log)
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        on_gpu = jax.default_backend() == "gpu" and torch is not None and torch.cuda.is_available()
+        torch_device = "cuda" if on_gpu else "cpu"
+    rows = run(cases, reps, log, torch_device)
     table, ok = report(rows, reps)
     text = f"{machine_line()}\n\n{table}\n"
     print(text)
