@@ -127,27 +127,32 @@ class Compiled(NamedTuple):
 
 
 def _jax_impl(module: nn.Module, x: jax.Array, g: jax.Array) -> Compiled:
-    """Jit-compiled forward and forward+backward of a linen module on ``x``."""
+    """Jit-compiled forward and forward+backward of a linen module on ``x``.
+
+    The batch statistics and the cotangent ``g`` are arguments, as in a model:
+    closed over, they would be constants that XLA folds into the program (the
+    bias gradient ``sum(g)`` computed at compile time).
+    """
     variables = module.init(jax.random.key(0), x)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     mutable = ["batch_stats"] if isinstance(module, (nn.BatchNorm, njl.BatchNorm)) else False
     training = mutable and not module.use_running_average
 
-    def forward(params: Any, x: jax.Array) -> Any:
+    def forward(params: Any, state: Any, x: jax.Array) -> Any:
         out = module.apply({"params": params, **state}, x, mutable=mutable if training else False)
         return out  # (y, updated batch_stats) in training batch norm, y otherwise
 
-    def loss(params: Any, x: jax.Array) -> jax.Array:
-        out = forward(params, x)
+    def loss(params: Any, state: Any, x: jax.Array, g: jax.Array) -> jax.Array:
+        out = forward(params, state, x)
         y = out[0] if training else out
         return jnp.sum(y.astype(jnp.float32) * g)
 
-    fwd = jax.jit(forward).lower(params, x).compile()
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    fwd = jax.jit(forward).lower(params, state, x).compile()
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, state, x, g).compile()
     mem = fwd_bwd.memory_analysis()
     temp = None if mem is None else int(mem.temp_size_in_bytes)
-    return Compiled(lambda: fwd(params, x), lambda: fwd_bwd(params, x), temp)
+    return Compiled(lambda: fwd(params, state, x), lambda: fwd_bwd(params, state, x, g), temp)
 
 
 def _torch_impl(
