@@ -521,6 +521,7 @@ def _branch_free_on_cpu(raw: Array, sets: _Sets, center: bool) -> bool:
     )
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
     """:class:`Moments` without a branch or a select, as exact as the guarded
     path (centered, or with ``center=False`` the mean square).
@@ -585,6 +586,26 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     return Moments(shift, offset, var, inv_std, n)
 
 
+@_branch_free.defjvp
+def _branch_free_jvp(
+    sets: _Sets, epsilon: float, center: bool, primals: tuple, tangents: tuple
+) -> tuple[Moments, Moments]:
+    """The statistics' closed-form derivative (d mean = mean(dx), d var =
+    2 mean((x - mean) dx), d inv_std = -inv_std^3 d var / 2). Autodiff through
+    the two sums of squares and their ``min``/``max`` would give NaN: the
+    unused sum's reciprocal square root has an infinite slope where it
+    underflowed (batch_renorm's gradient, which differentiates :func:`moments`)."""
+    (raw,), (draw,) = primals, tangents
+    stats = _branch_free(raw, sets, epsilon, center)
+    x, dx = raw.astype(stats.var.dtype), draw.astype(stats.var.dtype)
+    deviation = (x - stats.shift) - stats.offset if center else x
+    d_offset = sets.total(dx) / stats.count if center else jnp.zeros_like(stats.offset)
+    d_var = 2 * sets.total(deviation * dx) / stats.count
+    d_inv_std = -0.5 * stats.inv_std**3 * d_var
+    zero = jnp.zeros_like(stats.count)
+    return stats, Moments(jnp.zeros_like(stats.shift), d_offset, d_var, d_inv_std, zero)
+
+
 def _guarded(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
     """:class:`Moments` from the one-pass sums, with the exact passes behind a
     ``lax.cond`` (see :func:`_centered` and :func:`_mean_square`)."""
@@ -613,12 +634,13 @@ def _moments_of_sets(
     On the CPU, the branch-free path only where :func:`_branch_free_on_cpu`
     (and never for the derivative, whose statistics leave the kernel anyway:
     guarded, the bfloat16 layer and RMS norm fwd+bwd measured 3-25% faster).
-    Elsewhere, wherever it is allowed: XLA on the GPU turns the guard's
-    ``lax.cond`` into both branches and a select, so the exact passes always
-    ran. On an H100, against Flax (forward, forward+backward): layer norm
-    4096x768 1.12x/1.32x guarded, 0.81x/1.14x branch-free; group norm
-    32x32x32x128 1.21x/1.04x against 0.95x/0.87x; the layer norm MLP's
-    training step 1.11x against 0.96x.
+    Elsewhere (the GPU, and the TPU, where nothing was measured), wherever
+    it is allowed: XLA on the GPU turns the guard's ``lax.cond`` into both
+    branches and a select, so the exact passes always ran. On an H100,
+    against Flax (forward, forward+backward): layer norm 4096x768
+    1.12x/1.32x guarded, 0.81x/1.14x branch-free; group norm 32x32x32x128
+    1.21x/1.04x against 0.95x/0.87x; the layer norm MLP's training step
+    1.11x against 0.96x.
     """
     if not (branch_free and _branch_free_allowed(x, sets)):
         return _guarded(x, sets, epsilon, center)

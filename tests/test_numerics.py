@@ -79,11 +79,18 @@ def _normal(seed, shape):
     return np.random.default_rng(seed).normal(size=shape)
 
 
-def _cpu_hlo(fn, *args):
-    """``fn``'s compiled HLO on the CPU, whatever the default backend: the
-    structure the CPU's choice of path is made for."""
+def _cpu_compiled(fn, *args):
+    """``fn`` compiled for the CPU, whatever the default backend: the structure
+    the CPU's choice of path is made for. Skips the rest of the test where the
+    ops are lowered as off the CPU (tests/conftest.py, NORMJAX_TEST_PATHS)."""
+    if nj._stats.lax is not jax.lax:
+        pytest.skip("the CPU's own program: not compiled with the paths lowered as off the CPU")
     args = jax.device_put(args, jax.devices("cpu")[0])
-    return jax.jit(fn).lower(*args).compile().as_text()
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _cpu_hlo(fn, *args):
+    return _cpu_compiled(fn, *args).as_text()
 
 
 def _affine(case: Case, seed: int = 100):
@@ -418,11 +425,11 @@ def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it(
     np.testing.assert_allclose(np.asarray(per_row(x), np.float64), expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(per_row(x[[0, 1, 3]]), np.float64),
                                expected[[0, 1, 3]], rtol=0, atol=5e-6)
-    assert "conditional(" in _cpu_hlo(per_row, x)  # on the CPU, which keeps the guard
     weights = np.linspace(-1.0, 1.0, 256)
     grads = jax.vmap(jax.grad(lambda r: jnp.sum(nj.layer_norm(r) * weights)))(x)
     expected_grads = ref.normalize_grad(x, np.broadcast_to(weights, x.shape), 1, 1e-6)
     np.testing.assert_allclose(np.asarray(grads, np.float64), expected_grads, rtol=0, atol=2e-6)
+    assert "conditional(" in _cpu_hlo(per_row, x)  # on the CPU, which keeps the guard
 
 
 # ------------------------------------ hard rows: exact statistics on either path
@@ -557,7 +564,7 @@ def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
         "group_norm": lambda x: nj.group_norm(x, num_groups=8),
     }
     # (XLA on the CPU: the GPU compiles the branch-free path, a kernel of its own.)
-    compiled = jax.jit(ops[name]).lower(jax.device_put(x, jax.devices("cpu")[0])).compile()
+    compiled = _cpu_compiled(ops[name], x)
     hlo = compiled.as_text()
     assert "f32[16,8,8,32]" not in hlo[hlo.index("ENTRY"):]
     assert compiled.memory_analysis().temp_size_in_bytes < x.size * 4 / 2
@@ -589,12 +596,12 @@ def test_large_bfloat16_rows_within_resolution(name):
     case = ALL_CASES[name]
     scale, bias = _affine(Case(case.op, case.reference, x.shape, x.shape[-1], case.sets))
     op = jax.jit(lambda x: case.op(x, scale, bias))
-    # On the CPU, layer norm: one kernel, no conditional (the branch-free path,
-    # not the guarded one); RMS norm: guarded.
-    assert ("conditional" not in _cpu_hlo(op, x)) == (name == "layer_norm")
     y = op(x)
     chex.assert_type(y, jnp.bfloat16)
     _within_resolution(y, case.reference(x64, scale, bias), jnp.bfloat16)
+    # On the CPU, layer norm: one kernel, no conditional (the branch-free path,
+    # not the guarded one); RMS norm: guarded.
+    assert ("conditional" not in _cpu_hlo(op, x)) == (name == "layer_norm")
 
 
 def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflows():
@@ -615,9 +622,6 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
         return (nj._stats.moments(x, (1,), epsilon=1e-6),
                 nj._stats.moments(x, (1,), epsilon=1e-6, center=False))
 
-    # layer norm's on the branch-free path, RMS norm's guarded (on the CPU;
-    # elsewhere both branch-free)
-    assert "conditional" not in _cpu_hlo(lambda x: statistics(x)[0], x)
     stats, ms = jax.jit(statistics)(x)
     for moments, var in ((stats, x64.var(1, keepdims=True)),
                          (ms, (x64**2).mean(1, keepdims=True))):
@@ -627,6 +631,9 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
         np.testing.assert_allclose(np.asarray(moments.var, np.float64)[finite], var[finite],
                                    rtol=1e-6)
         assert np.isinf(np.asarray(moments.var)[~finite]).all()
+    # layer norm's on the branch-free path, RMS norm's guarded (on the CPU;
+    # elsewhere both branch-free)
+    assert "conditional" not in _cpu_hlo(lambda x: statistics(x)[0], x)
 
 
 def test_branch_free_output_mean_is_zero_to_float32():
@@ -687,3 +694,38 @@ def test_bfloat16_rows_half_a_unit_off_the_grid_have_the_exact_variance(shape):
     np.testing.assert_allclose(np.asarray(stats.var, np.float64)[finite], var[finite], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
                                1 / np.sqrt(var + 1e-6), rtol=1e-6)
+
+
+# ---------------------------------------------- the GPU's paths, run on the CPU
+
+
+def _rms_norm_grad(x, g, epsilon=1e-6):
+    """d/dx of sum(g * x / sqrt(mean(x^2) + eps)) over the last axis, in float64."""
+    r = 1 / np.sqrt((x**2).mean(-1, keepdims=True) + epsilon)
+    return g * r - x * r**3 * (g * x).mean(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", list(ALL_CASES))
+def test_off_cpu_paths_match_float64_forward_and_gradient(name, off_cpu_paths):
+    case = ALL_CASES[name]
+    x64 = _normal(30, case.shape)
+    sets = case.sets(np.arange(x64.size).reshape(case.shape))
+    x64.reshape(-1)[sets[0]] += 1e4  # one set far from zero, one constant
+    x64.reshape(-1)[sets[1]] = 3.0
+    x = jnp.asarray(x64, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    scale, bias = _affine(case)
+    assert "conditional" not in jax.jit(lambda x: case.op(x, scale, bias)).lower(x).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: case.op(x, scale, bias))(x)),
+                               case.reference(x64, scale, bias), rtol=0, atol=2e-5)
+    reduce_axes = {"batch_norm": 0, "batch_renorm": 0, "layer_norm": -1, "instance_norm": 1}
+    if name == "group_norm":
+        return  # its sets span no axis of x; its forward is checked above
+    weights = _normal(31, case.shape)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(case.op(x, scale, bias) * weights)))(x)
+    g = weights * scale
+    epsilon = 1e-5 if name.startswith("batch") else 1e-6  # each op's default, as Flax's
+    expected = (_rms_norm_grad(x64, g) if name == "rms_norm"
+                else ref.normalize_grad(x64, g, reduce_axes[name], epsilon))
+    # the constant set's gradient is its inv_std (1e3) times float32 rounding
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=0, atol=5e-4)
