@@ -878,21 +878,25 @@ def _standardize_op(
             reduce_x_minus_sample = (
                 mask is None
                 and _distinct_shifts(xc, axes)
-                # batch norm in every dtype; instance norm where x is not converted
-                and (inv.size == feature_size or (channel_groups is None and x.dtype == cdt))
+                # batch and instance norm, not group norm
+                and (inv.size == feature_size or channel_groups is None)
             )
             if reduce_x_minus_sample:
                 # xhat * c as (x - s) * (inv * c) - (mean - s) * inv * c, with s a
                 # sample of the set that nothing else subtracts. The transpose then
                 # reduces g * (x - s), which XLA fuses into the reduction; g * xhat
-                # it wrote out in full. Batch norm gains in every dtype; instance
-                # norm only where x needs no conversion (float32 32x32x32x128 fwd+bwd
-                # 9.6 -> 8.5 ms; bfloat16 10.1 -> 14.6 ms and a float32 copy of x
-                # kept), group norm nowhere (float32 9.9 -> 11.1 ms).
+                # it wrote out in full. float32 fwd+bwd: instance norm 32x32x32x128
+                # 9.6 -> 8.5 ms, group norm 9.9 -> 11.1 (so not there). A converted
+                # x is converted again for this term alone (_own_conversion), or
+                # XLA writes a float32 copy of x out for it: bfloat16 fwd+bwd, same
+                # process, batch norm 64x32x32x64 14.8 -> 4.3 ms (Flax 16.8) and
+                # 65536x64 15.7 -> 5.4, instance norm 64x32x32x64 17.4 -> 11.1,
+                # temp 32 -> 16 MB; group norm 14.6 -> 15.8 (so not there either).
                 coef = inv * xhat_coef
                 sample = sets.sample(xc, 3)
                 mean_from_sample = (stats.shift - sample) + stats.offset
-                dy = mul * dxc + (xc - sample) * coef - mean_from_sample * coef
+                xs, sample = _own_conversion(x, cdt, sample)
+                dy = mul * dxc + (xs - sample) * coef - mean_from_sample * coef
             else:
                 dy = mul * dxc + xhat * xhat_coef
             const = -(mul * mean_dx) if center else None

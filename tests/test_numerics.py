@@ -570,6 +570,28 @@ def test_bfloat16_sums_convert_the_input_in_their_own_kernels(name):
     assert compiled.memory_analysis().temp_size_in_bytes < x.size * 4 / 2
 
 
+@pytest.mark.parametrize("name, axes", [("batch_norm", (0, 1, 2)), ("instance_norm", (1, 2))])
+def test_bfloat16_gradient_converts_x_inside_its_kernels(name, axes):
+    # The derivative's (x - sample) term converts a bfloat16 x itself: no
+    # float32 copy of x is written out for it. What remains is one float32 copy
+    # of the cotangent (two copies before). And the gradient is the closed form's.
+    x = jnp.asarray(_normal(25, (16, 8, 8, 32)), jnp.bfloat16)
+    g = jnp.asarray(_normal(26, x.shape), jnp.float32)
+    ops = {
+        "batch_norm": lambda x: nj.batch_norm(x, nj.batch_norm_state(32), training=True)[0],
+        "instance_norm": nj.instance_norm,
+    }
+    grad = jax.grad(lambda x, g: jnp.sum(ops[name](x).astype(jnp.float32) * g))
+    # y's cotangent is g rounded to bfloat16, and so is the gradient
+    g64 = np.asarray(g.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    epsilon = 1e-5 if name == "batch_norm" else 1e-6
+    expected = ref.normalize_grad(np.asarray(x.astype(jnp.float32), np.float64), g64, axes,
+                                  epsilon)
+    _within_resolution(jax.jit(grad)(x, g), expected, jnp.bfloat16)
+    temp = _cpu_compiled(grad, x, g).memory_analysis().temp_size_in_bytes
+    assert temp < 1.5 * x.size * 4
+
+
 # ------------------------------------------- large half-precision rows: branch-free path
 
 
