@@ -751,3 +751,26 @@ def test_off_cpu_paths_match_float64_forward_and_gradient(name, off_cpu_paths):
                 else ref.normalize_grad(x64, g, reduce_axes[name], epsilon))
     # the constant set's gradient is its inv_std (1e3) times float32 rounding
     np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=0, atol=5e-4)
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["centered", "mean square"])
+def test_branch_free_statistics_have_the_closed_form_derivative(center):
+    # Autodiff through the two sums of squares would give NaN (an underflowed
+    # sum's rsqrt has an infinite slope); batch_renorm differentiates moments.
+    x64 = _normal(32, (64, 6)) * np.array([1.0, 1e-3, 1e3, 1e20, 1.0, 0.0])
+    x64[:, 4] += 1e4  # far from zero; the last column is constant
+    t64 = _normal(33, x64.shape)
+    x = jnp.asarray(x64, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    sets = nj._stats._Sets((0,), None, None, None, None)
+    _, tangents = jax.jvp(lambda x: nj._stats._branch_free(x, sets, 1e-6, center),
+                          (x,), (jnp.asarray(t64, jnp.float32),))
+    mean = x64.mean(0) if center else 0 * x64.mean(0)
+    var = ((x64 - mean) ** 2).mean(0)
+    d_mean = t64.mean(0) if center else 0 * mean
+    d_var = 2 * ((x64 - mean) * t64).mean(0)
+    d_inv_std = -0.5 * (var + 1e-6) ** -1.5 * d_var
+    for got, want in ((tangents.mean, d_mean), (tangents.var, d_var),
+                      (tangents.inv_std, d_inv_std)):
+        got = np.asarray(got, np.float64).reshape(-1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
