@@ -11,7 +11,8 @@ apply them, so the numerics are fixed once:
   formula's, and it compiles to two plain reductions, as fast as Flax's.
 * Everywhere else (data with mean 1e4 and std 1, constant sets, |x| ~ 1e30),
   behind a ``lax.cond``: two passes, the mean of squared deviations from the
-  mean, divided by the largest |x| so that no square overflows. The mean is
+  mean, divided by a scale found from the one-pass sum of squares so that no
+  square overflows. The mean is
   held as a shift (one sample of the data) plus an offset, so a constant set
   is exactly constant (variance exactly 0) and the normalized output keeps
   the precision of the deviations.
@@ -207,16 +208,6 @@ class _Sets(NamedTuple):
             return n
         return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
 
-    def magnitude(self, x: Array) -> Array:
-        """Per set, :func:`_scale_above` the largest counted ``|x|``, on all devices."""
-        magnitude = jnp.abs(lax.stop_gradient(x))
-        if self.mask is not None:
-            magnitude = jnp.where(self.mask, magnitude, 0)
-        largest = self.reduce(magnitude, jnp.max)
-        if self.axis_name is not None:
-            largest = lax.pmax(largest, self.axis_name, axis_index_groups=self.axis_index_groups)
-        return _scale_above(largest)
-
     def sample(self, x: Array, k: int = 0) -> Array:
         """One entry of each set (no gradient), the same on every device.
 
@@ -292,17 +283,28 @@ def _expand_groups(per_group: Array, shape: tuple[int, ...]) -> Array:
     return jnp.broadcast_to(per_group, per_group.shape[:-1] + (shape[-1] // groups,)).reshape(shape)
 
 
-def _scale_above(largest: Array) -> Array:
-    """A divisor that keeps squares of values up to ``largest`` inside the float range.
+# Where a set's sum of squares overflowed, the exact passes divide its entries
+# by this power of two (see _scale_for_squares).
+_OVERFLOW_SCALE = 2.0**80
 
-    It is 1 for ordinary data (nothing is rescaled), and ``largest`` itself
-    above 1, up to the reciprocal of the smallest normal number (2^126 in
-    float32): XLA flushes smaller numbers to zero, and inside reductions
-    divides by multiplying by the reciprocal. The squares of the rescaled
-    deviations are then at most 64, and the one extra rounding it costs is
-    far below the statistics' own.
+
+def _scale_for_squares(sum_squares: Array) -> Array:
+    """A divisor that keeps each set's squared deviations, and their sum, in float range.
+
+    Where the set's sum of squares is finite, its square root, at least 1:
+    every ``|x|`` is below it, so every ``|x - mean| / scale`` is at most 2.
+    Where it overflowed (then the largest ``|x|`` is above 2^52 for sets of up
+    to 2^24 entries), _OVERFLOW_SCALE: deviations below 2^129 give squares
+    below 2^98, whose sum overflows only past 2^30 entries. A deviation that
+    underflows there (below 2^17) is negligible next to such a set's variance,
+    or is a multiple of its large entries' spacing (at least 2^29), which
+    does not underflow. Found from the sums the guard has already taken, the
+    scale costs no pass over x, which the largest ``|x|`` did (one kernel
+    less to compile per layer, and one read less on data far from zero).
     """
-    return jnp.clip(largest, 1, 1 / jnp.finfo(largest.dtype).tiny)
+    return jnp.where(
+        jnp.isfinite(sum_squares), jnp.maximum(lax.sqrt(sum_squares), 1), _OVERFLOW_SCALE
+    )
 
 
 def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -363,7 +365,8 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     x_sum, n_sum = _own_conversion(raw, dtype, safe_n)
     mean = sets.total(counted(x_sum)) / n_sum
     x_sq, mean = _own_conversion(raw, dtype, mean)
-    var = sets.total(lax.square(counted(x_sq))) / safe_n - lax.square(mean)
+    sum_squares = sets.total(lax.square(counted(x_sq)))
+    var = sum_squares / safe_n - lax.square(mean)
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
 
     def from_one_pass(_: Any) -> tuple[Array, Array, Array, Array]:
@@ -374,7 +377,7 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
-        return _two_passes(raw, dtype, sets, safe_n)
+        return _two_passes(raw, dtype, sets, safe_n, sum_squares)
 
     branch = sets.all_agree(one_pass)
     shift, offset, var, scale = lax.cond(branch, from_one_pass, from_two_passes, None)
@@ -382,14 +385,14 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
 
 
 def _two_passes(
-    raw: Array, dtype: Any, sets: _Sets, safe_n: Array
+    raw: Array, dtype: Any, sets: _Sets, safe_n: Array, sum_squares: Array
 ) -> tuple[Array, Array, Array, Array]:
     """(shift, offset, scaled variance, scale) of :func:`_centered`, in two passes
     over ``raw`` converted to ``dtype`` (each reduction its own conversion).
 
-    The squared deviations are always divided by the sets' magnitude (1 for
-    data within [-1, 1]): this branch is the rare one, and one more pass here
-    costs less compile time than a nested ``lax.cond`` on overflow.
+    The squared deviations are always divided by :func:`_scale_for_squares`
+    of the sets' one-pass ``sum_squares`` (1 for data of sum of squares at
+    most 1), so that none overflows.
     """
     mask = sets.mask
     inv_n = 1 / safe_n
@@ -432,8 +435,7 @@ def _two_passes(
             squares = sets.total(lax.square(d)) / safe_n
             return jnp.maximum(squares - lax.square(offset * inv_scale), 0)
 
-    x, offset = _own_conversion(raw, dtype, offset)
-    scale = sets.magnitude(x)
+    scale = _scale_for_squares(sum_squares)
     x, scale = _own_conversion(raw, dtype, scale)
     return shift, offset, mean_square(x, 1 / scale), scale
 
@@ -441,7 +443,7 @@ def _two_passes(
 def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     """(count, scaled mean square, scale), mean square = scaled * scale^2.
 
-    The squares divided by the sets' magnitude only where plain squares
+    The squares divided by _OVERFLOW_SCALE only where plain squares
     overflowed, behind a ``lax.cond``: ordinary data pays one comparison on
     the (small) statistics for it.
     """
@@ -457,10 +459,10 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     plain = mean_square(x_sq, jnp.ones((), dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
-        # Converts raw itself, as in _centered.
+        # Converts raw itself, as in _centered. Sets whose sum overflowed are
+        # divided by _OVERFLOW_SCALE (see _scale_for_squares), the others not.
         xs, _ = _own_conversion(raw, dtype, plain)
-        scale = sets.magnitude(xs)
-        xs, scale = _own_conversion(raw, dtype, scale)
+        scale = jnp.where(jnp.isfinite(plain), 1, _OVERFLOW_SCALE).astype(dtype)
         return mean_square(xs, 1 / scale), scale
 
     finite = sets.all_agree(~jnp.any(jnp.isinf(plain)))

@@ -503,6 +503,34 @@ def test_statistics_of_hard_rows_are_exact(path, data, jit):
     _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
 
 
+@pytest.mark.parametrize("fill", [np.nan, 3e38])
+def test_statistics_of_masked_hard_rows_are_exact(fill):
+    # Masked sets always take the guarded path. A quarter of each hard row is
+    # hidden and holds NaN or 3e38, which must not reach the statistics nor
+    # the scale of the squares (found from the counted sum of squares).
+    x64 = _hard_float32_rows()
+    mask = np.random.default_rng(34).random(x64.shape) < 0.75
+    mask[:, 0] = True
+    counted = np.where(mask, x64, np.nan)
+    x = jnp.asarray(np.where(mask, x64, fill), jnp.float32)
+    stats, ms = jax.jit(lambda x, m: (
+        nj._stats.moments(x, (1,), epsilon=1e-6, mask=m),
+        nj._stats.moments(x, (1,), epsilon=1e-6, mask=m, center=False)))(x, jnp.asarray(mask))
+    mean = np.nanmean(counted, 1, keepdims=True)
+    var = np.nanmean((counted - mean) ** 2, 1, keepdims=True)
+    mean_square = np.nanmean(counted**2, 1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64), 1 / np.sqrt(var + 1e-6),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
+                               1 / np.sqrt(mean_square + 1e-6),
+                               rtol=1e-5, atol=float(np.finfo(np.float32).tiny))
+    finite = var < 3e38
+    np.testing.assert_allclose(np.asarray(stats.var, np.float64)[finite], var[finite],
+                               rtol=1e-5, atol=1e-37)
+    mean_error = np.abs(np.asarray(stats.mean, np.float64) - mean)
+    assert (mean_error <= 2.0**-23 * np.abs(mean) + 1e-6 * np.sqrt(var)).all()
+
+
 def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_layer_norm():
     def conditionals(x, center):
         return _cpu_hlo(lambda x: nj._stats.moments(x, (1,), epsilon=1e-6, center=center),
