@@ -453,7 +453,8 @@ def _hard_float32_rows() -> np.ndarray:
 
 
 def _assert_exact_statistics(stats, ms, x64):
-    mean, var = x64.mean(1, keepdims=True), x64.var(1, keepdims=True)
+    """Against float64 over each row's entries (NaN: not counted)."""
+    mean, var = np.nanmean(x64, 1, keepdims=True), np.nanvar(x64, 1, keepdims=True)
     # within float32's rounding of the mean, plus 1e-6 std
     mean_error = np.abs(np.asarray(stats.mean, np.float64) - mean)
     assert (mean_error <= 2.0**-23 * np.abs(mean) + 1e-6 * np.sqrt(var)).all()
@@ -465,7 +466,7 @@ def _assert_exact_statistics(stats, ms, x64):
     np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64),
                                1 / np.sqrt(var + 1e-6), rtol=1e-5, atol=0)
     # |x| ~ 3e38: an inverse RMS below float32's normal range, which XLA flushes to 0
-    mean_square = (x64**2).mean(1, keepdims=True)
+    mean_square = np.nanmean(x64**2, 1, keepdims=True)
     np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
                                1 / np.sqrt(mean_square + 1e-6),
                                rtol=1e-5, atol=float(np.finfo(np.float32).tiny))
@@ -516,19 +517,7 @@ def test_statistics_of_masked_hard_rows_are_exact(fill):
     stats, ms = jax.jit(lambda x, m: (
         nj._stats.moments(x, (1,), epsilon=1e-6, mask=m),
         nj._stats.moments(x, (1,), epsilon=1e-6, mask=m, center=False)))(x, jnp.asarray(mask))
-    mean = np.nanmean(counted, 1, keepdims=True)
-    var = np.nanmean((counted - mean) ** 2, 1, keepdims=True)
-    mean_square = np.nanmean(counted**2, 1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(stats.inv_std, np.float64), 1 / np.sqrt(var + 1e-6),
-                               rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(ms.inv_std, np.float64),
-                               1 / np.sqrt(mean_square + 1e-6),
-                               rtol=1e-5, atol=float(np.finfo(np.float32).tiny))
-    finite = var < 3e38
-    np.testing.assert_allclose(np.asarray(stats.var, np.float64)[finite], var[finite],
-                               rtol=1e-5, atol=1e-37)
-    mean_error = np.abs(np.asarray(stats.mean, np.float64) - mean)
-    assert (mean_error <= 2.0**-23 * np.abs(mean) + 1e-6 * np.sqrt(var)).all()
+    _assert_exact_statistics(stats, ms, counted)
 
 
 def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_layer_norm():
