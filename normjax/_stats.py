@@ -443,9 +443,9 @@ def _two_passes(
 def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     """(count, scaled mean square, scale), mean square = scaled * scale^2.
 
-    The squares divided by _OVERFLOW_SCALE only where plain squares
-    overflowed, behind a ``lax.cond``: ordinary data pays one comparison on
-    the (small) statistics for it.
+    The squares divided by :func:`_scale_for_squares` only where some set's
+    plain squares overflowed, behind a ``lax.cond``: ordinary data pays one
+    comparison on the (small) statistics for it.
     """
     dtype = stat_dtype(raw.dtype)
     n = sets.count(raw.shape, dtype)
@@ -459,10 +459,9 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
     plain = mean_square(x_sq, jnp.ones((), dtype))
 
     def rescaled(_: Any) -> tuple[Array, Array]:
-        # Converts raw itself, as in _centered. Sets whose sum overflowed are
-        # divided by _OVERFLOW_SCALE (see _scale_for_squares), the others not.
+        # Converts raw itself, as in _centered.
         xs, _ = _own_conversion(raw, dtype, plain)
-        scale = jnp.where(jnp.isfinite(plain), 1, _OVERFLOW_SCALE).astype(dtype)
+        scale = _scale_for_squares(plain * safe_n)
         return mean_square(xs, 1 / scale), scale
 
     finite = sets.all_agree(~jnp.any(jnp.isinf(plain)))
