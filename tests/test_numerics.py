@@ -599,12 +599,24 @@ def test_bfloat16_gradient_converts_x_inside_its_kernels(name, axes):
         "instance_norm": nj.instance_norm,
     }
     grad = jax.grad(lambda x, g: jnp.sum(ops[name](x).astype(jnp.float32) * g))
-    # y's cotangent is g rounded to bfloat16, and so is the gradient
-    g64 = np.asarray(g.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    # y's cotangent is g rounded to bfloat16 on the CPU. XLA on the GPU keeps it
+    # in float32 (xla_allow_excess_precision drops the float32 -> bfloat16 ->
+    # float32 round trip), which moves this instance norm gradient by 2 units of
+    # bfloat16 resolution (H100: worst ratio 2.06): either cotangent's closed
+    # form is right.
     epsilon = 1e-5 if name == "batch_norm" else 1e-6
-    expected = ref.normalize_grad(np.asarray(x.astype(jnp.float32), np.float64), g64, axes,
-                                  epsilon)
-    _within_resolution(jax.jit(grad)(x, g), expected, jnp.bfloat16)
+    dx = jax.jit(grad)(x, g)
+    failures = []
+    for cotangent in (g.astype(jnp.bfloat16).astype(jnp.float32), g):
+        expected = ref.normalize_grad(np.asarray(x.astype(jnp.float32), np.float64),
+                                      np.asarray(cotangent, np.float64), axes, epsilon)
+        try:
+            _within_resolution(dx, expected, jnp.bfloat16)
+            break
+        except AssertionError as e:
+            failures.append(str(e))
+    else:
+        raise AssertionError(f"neither cotangent's gradient is within resolution: {failures}")
     temp = _cpu_compiled(grad, x, g).memory_analysis().temp_size_in_bytes
     assert temp < 1.5 * x.size * 4
 
