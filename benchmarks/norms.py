@@ -34,6 +34,7 @@ Usage::
     python benchmarks/norms.py --quick               # 5 repetitions, float32 only
     python benchmarks/norms.py --cases layer_norm,group_norm --dtype float32 --reps 25
     python benchmarks/norms.py --out benchmarks/results_norms.md
+    python benchmarks/norms.py --device-time --reps 20   # on a GPU: kernel time
 """
 
 from __future__ import annotations
@@ -213,9 +214,10 @@ def _torch_impl(
 
 
 def build_case(
-    case: Case, torch_device: str = "cpu"
+    case: Case, torch_device: str = "cpu", with_torch: bool = True
 ) -> tuple[dict[str, Compiled], Callable[[], Any]]:
-    """Every implementation of ``case``, plus the copy floor."""
+    """Every implementation of ``case`` (PyTorch's if installed and ``with_torch``),
+    plus the copy floor."""
     dtype = jnp.dtype(case.dtype)
     kx, kg = jax.random.split(jax.random.key(len(case.label)))
     x = jax.random.normal(kx, case.shape, jnp.float32).astype(dtype)
@@ -225,7 +227,7 @@ def build_case(
         "flax": _jax_impl(_flax_module(nn, case.op, dtype), x, g),
         "flax-stable": _jax_impl(_flax_module(nn, case.op, dtype, use_fast_variance=False), x, g),
     }
-    if torch is not None:
+    if torch is not None and with_torch:
         xf = np.asarray(x.astype(jnp.float32))
         impls["torch"] = _torch_impl(case.op, xf, np.asarray(g), case.dtype, torch_device)
     copy = jax.jit(lambda x: 2 * x + 1).lower(x).compile()
@@ -293,6 +295,69 @@ def time_case(
     return times
 
 
+def device_ms(fns: dict[Any, Callable[[], Any]], calls: int) -> dict[Any, float]:
+    """Kernel time per call on the accelerator, in ms: the device events of a
+    profiler trace summed over ``calls`` calls of each function, divided by
+    ``calls``.
+
+    On a GPU these programs run for 5-150 us, less than JAX takes to dispatch
+    them, so wall time measures dispatch and launches more than the kernels
+    (on an H100 the copy floor read 30-60 us for kernels of 3-8 us). Each
+    function's calls run inside a trace annotation of their own, and a device
+    event counts toward the annotation it starts in (every call is waited for
+    before the next, so none overlaps another's).
+    """
+    import gzip
+    import json
+    import tempfile
+
+    for fn in fns.values():
+        _block(fn())
+    keys = list(fns)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for i, key in enumerate(keys):
+                with jax.profiler.TraceAnnotation(f"normjax-bench-{i}"):
+                    for _ in range(calls):
+                        _block(fns[key]())
+        (trace_file,) = Path(trace_dir).glob("**/*.trace.json.gz")
+        events = json.load(gzip.open(trace_file))["traceEvents"]
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+        and "/device:" in e["args"]["name"]
+    }  # fmt: skip
+    if not device_pids:
+        raise RuntimeError("--device-time needs an accelerator: the trace has no device events")
+    windows = {
+        int(e["name"].rsplit("-", 1)[1]): (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("ph") == "X" and e["name"].startswith("normjax-bench-")
+    }
+    total = dict.fromkeys(range(len(keys)), 0.0)
+    for e in events:
+        # Host <-> device copies are not the program's (none is expected).
+        if e.get("ph") != "X" or e["pid"] not in device_pids or "Memcpy" in e["name"]:
+            continue
+        for i, (start, end) in windows.items():
+            if start <= e["ts"] <= end:
+                total[i] += e["dur"]
+    return {key: total[i] / calls / 1e3 for i, key in enumerate(keys)}
+
+
+def device_time_case(
+    impls: dict[str, Compiled], copy: Callable[[], Any], calls: int
+) -> dict[tuple[str, str], float]:
+    """:func:`device_ms` of every JAX (implementation, mode) and the copy floor."""
+    fns: dict[tuple[str, str], Callable[[], Any]] = {("copy", "fwd"): copy}
+    for name, impl in impls.items():
+        if name != "torch":
+            fns[(name, "fwd")] = impl.fwd
+            fns[(name, "fwd+bwd")] = impl.fwd_bwd
+    return device_ms(fns, calls)
+
+
 # ----------------------------------------------------------------------------
 # Report.
 
@@ -310,12 +375,19 @@ def _geomean(values: Sequence[float]) -> float:
 
 
 def run(
-    cases: Sequence[Case], reps: int, log: Callable[[str], None], torch_device: str = "cpu"
+    cases: Sequence[Case],
+    reps: int,
+    log: Callable[[str], None],
+    torch_device: str = "cpu",
+    device_time: bool = False,
 ) -> list[dict[str, Any]]:
     rows = []
     for i, case in enumerate(cases):
-        impls, copy = build_case(case, torch_device)
-        times = time_case(impls, copy, reps, seed=i)
+        impls, copy = build_case(case, torch_device, with_torch=not device_time)
+        if device_time:
+            times = device_time_case(impls, copy, reps)
+        else:
+            times = time_case(impls, copy, reps, seed=i)
         row: dict[str, Any] = {"case": case, "copy": times[("copy", "fwd")]}
         for name in IMPLS:
             for mode in MODES:
@@ -331,7 +403,7 @@ def run(
     return rows
 
 
-def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
+def report(rows: list[dict[str, Any]], reps: int, device_time: bool = False) -> tuple[str, bool]:
     """The markdown table, the summary and the target checks; True if all met."""
     header = (
         "| case | copy | normjax fwd | flax fwd | flax-stable fwd | torch fwd "
@@ -362,11 +434,12 @@ def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
         if case.op == "layer_norm" and temps[0] is not None:
             x_bytes = math.prod(case.shape) * jnp.dtype(case.dtype).itemsize
             ln_temp.append((case.label, temps[0] / x_bytes))
+        digits = 4 if device_time else 2  # a GPU's kernels take microseconds
         cells = [
             case.label,
-            _fmt(row["copy"]),
-            *(_fmt(row[(n, "fwd")]) for n in IMPLS),
-            *(_fmt(row[(n, "fwd+bwd")]) for n in IMPLS),
+            _fmt(row["copy"], digits),
+            *(_fmt(row[(n, "fwd")], digits) for n in IMPLS),
+            *(_fmt(row[(n, "fwd+bwd")], digits) for n in IMPLS),
             _fmt(r_fwd),
             _fmt(r_fb),
             _fmt(r_stable),
@@ -375,11 +448,20 @@ def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
 
+    if device_time:
+        how = (
+            f"Kernel time per call on the accelerator, ms (the profiler's device events, "
+            f"mean of {reps} calls; no PyTorch column)"
+        )
+    else:
+        how = (
+            f"Median ms of {reps} repetitions of samples of at least "
+            f"{SAMPLE_SECONDS * 1e3:g} ms, the JAX implementations interleaved and PyTorch "
+            "in a phase of its own"
+        )
     out = [
-        f"Median ms of {reps} repetitions of samples of at least {SAMPLE_SECONDS * 1e3:g} ms, "
-        "jit-compiled, the JAX implementations interleaved and PyTorch in a phase of its "
-        "own; f+b = forward+backward (grad of sum(y*g) w.r.t. x and the parameters). "
-        "Ratios < 1: normjax faster.",
+        f"{how}; jit-compiled; f+b = forward+backward (grad of sum(y*g) w.r.t. x and the "
+        "parameters). Ratios < 1: normjax faster.",
         "",
         *lines,
         "",
@@ -403,6 +485,8 @@ def report(rows: list[dict[str, Any]], reps: int) -> tuple[str, bool]:
     if torch_r:
         check("worst normjax/torch (forward or forward+backward)", max(torch_r), TARGET_TORCH)
         out.append(f"- geometric mean normjax/torch: {_geomean(torch_r):.3f}")
+    elif device_time:
+        out.append("- device time: no PyTorch comparison")
     else:
         out.append("- PyTorch not installed: no torch comparison")
     if ln_temp:
@@ -460,6 +544,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="5 repetitions, float32, first shape of each op"
     )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument(
+        "--device-time",
+        action="store_true",
+        help="on an accelerator: kernel time per call from a profiler trace (--reps calls) "
+        "instead of wall time, which a GPU's dispatch dominates; no PyTorch column",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument(
         "--torch-device",
@@ -485,8 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if torch_device == "auto":
         on_gpu = jax.default_backend() == "gpu" and torch is not None and torch.cuda.is_available()
         torch_device = "cuda" if on_gpu else "cpu"
-    rows = run(cases, reps, log, torch_device)
-    table, ok = report(rows, reps)
+    rows = run(cases, reps, log, torch_device, args.device_time)
+    table, ok = report(rows, reps, args.device_time)
     text = f"{machine_line()}\n\n{table}\n"
     print(text)
     if args.out is not None:
