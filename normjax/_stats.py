@@ -823,10 +823,9 @@ def _standardize_op(
 
     op = jax.custom_jvp(forward(derivative=False))
 
-    @op.defjvp
     def op_jvp(primals: tuple, tangents: tuple) -> tuple:
         x, scale, bias, mask = primals
-        dx, dscale, dbias, _ = tangents
+        dx, dscale, dbias = tangents
         y, stats = forward(derivative=True)(x, scale, bias, mask)
         cdt = stats.inv_std.dtype
         inv = stats.inv_std
@@ -954,6 +953,11 @@ def _standardize_op(
         )
         return (y, stats), (dy.astype(y.dtype), dstats)
 
+    # Jitted (and inlined) for the same reason as the op: each layer's
+    # differentiation calls the rule, which JAX would otherwise trace again
+    # every time. The mask's tangent (float0) stays out of it.
+    jitted_jvp = jax.jit(op_jvp, inline=True)
+    op.defjvp(lambda primals, tangents: jitted_jvp(primals, tangents[:3]))
     return jax.jit(op, inline=True)
 
 
