@@ -338,9 +338,8 @@ def _own_conversion(raw: Array, dtype: Any, dep: Any) -> tuple[Array, Any]:
 _ONE_PASS_RATIO = 4.0
 
 
-def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Array]:
-    """(count, shift, offset, scaled variance, scale): mean = shift + offset,
-    variance = scaled variance * scale^2.
+def _centered(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Array, Array, Array]:
+    """(count, shift, offset, variance, inv_std), mean = shift + offset.
 
     First the sums of x and x^2 in one pass. Where every set's mean is within
     ``sqrt(_ONE_PASS_RATIO)`` standard deviations of zero and the sums are
@@ -372,16 +371,17 @@ def _centered(raw: Array, sets: _Sets) -> tuple[Array, Array, Array, Array, Arra
     def from_one_pass(_: Any) -> tuple[Array, Array, Array, Array]:
         # offset is exactly 0 and carries the mean's derivative.
         shift = lax.stop_gradient(mean)
-        return shift, mean - shift, var, jnp.ones_like(var)
+        return shift, mean - shift, var, _plain_inv_std(var, epsilon)
 
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
         # full-size float32 copy of a bfloat16 input for the branch.
-        return _two_passes(raw, dtype, sets, safe_n, sum_squares)
+        shift, offset, var, scale = _two_passes(raw, dtype, sets, safe_n, sum_squares)
+        return shift, offset, *_unscaled(var, scale, epsilon)
 
     branch = sets.all_agree(one_pass)
-    shift, offset, var, scale = lax.cond(branch, from_one_pass, from_two_passes, None)
-    return n, shift, offset, var, scale
+    shift, offset, var, inv_std = lax.cond(branch, from_one_pass, from_two_passes, None)
+    return n, shift, offset, var, inv_std
 
 
 def _two_passes(
@@ -440,8 +440,8 @@ def _two_passes(
     return shift, offset, mean_square(x, 1 / scale), scale
 
 
-def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
-    """(count, scaled mean square, scale), mean square = scaled * scale^2.
+def _mean_square(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Array]:
+    """(count, mean square, 1 / sqrt(mean square + epsilon)).
 
     The squares divided by :func:`_scale_for_squares` only where some set's
     plain squares overflowed, behind a ``lax.cond``: ordinary data pays one
@@ -462,11 +462,12 @@ def _mean_square(raw: Array, sets: _Sets) -> tuple[Array, Array, Array]:
         # Converts raw itself, as in _centered.
         xs, _ = _own_conversion(raw, dtype, plain)
         scale = _scale_for_squares(plain * safe_n)
-        return mean_square(xs, 1 / scale), scale
+        return _unscaled(mean_square(xs, 1 / scale), scale, epsilon)
 
     finite = sets.all_agree(~jnp.any(jnp.isinf(plain)))
-    ms, scale = lax.cond(finite, lambda _: (plain, jnp.ones_like(plain)), rescaled, None)
-    return n, ms, scale
+    plain_stats = lambda _: (plain, _plain_inv_std(plain, epsilon))  # noqa: E731
+    ms, inv_std = lax.cond(finite, plain_stats, rescaled, None)
+    return n, ms, inv_std
 
 
 # The branch-free statistics sum the squares twice: plainly (exact until a
@@ -607,14 +608,21 @@ def _branch_free_jvp(
     return stats, Moments(jnp.zeros_like(stats.shift), d_offset, d_var, d_inv_std, zero)
 
 
-def _guarded(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
-    """:class:`Moments` from the one-pass sums, with the exact passes behind a
-    ``lax.cond`` (see :func:`_centered` and :func:`_mean_square`)."""
-    if center:
-        n, shift, offset, var, scale = _centered(raw, sets)
-    else:
-        n, var, scale = _mean_square(raw, sets)
-        shift = offset = jnp.zeros_like(var)
+def _plain_inv_std(var: Array, epsilon: float) -> Array:
+    """``1 / sqrt(var + epsilon)`` of the one-pass branches, whose ``var >= 0``."""
+    return lax.rsqrt(var + max(epsilon, float(jnp.finfo(var.dtype).tiny)))
+
+
+def _unscaled(var: Array, scale: Array, epsilon: float) -> tuple[Array, Array]:
+    """(variance, inv_std) from the exact passes' variance divided by ``scale^2``.
+
+    Each branch of the guard computes its own inv_std, the one-pass branches
+    with no select: XLA on the CPU evaluates a select on the statistics
+    outside the ``lax.cond`` for every entry of the output kernel. That
+    kernel alone, 4096x768 float32: 0.43-0.46 ms with the select, 0.34-0.38
+    without (three runs); batch norm training's forward went from 1.06-1.70x
+    Flax to 0.76-1.48x over 8 cases in three processes.
+    """
     # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
     # floored at the smallest normal so that a zero variance stays finite.
     tiny = jnp.finfo(var.dtype).tiny
@@ -622,9 +630,19 @@ def _guarded(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
     # A constant set of |x| > 1e16 floors that term: its inv_std is that of var 0.
     # (Any other set of such x has a variance far above epsilon.)
     inv_std = jnp.where(var > 0, inv_std, lax.rsqrt(jnp.asarray(epsilon, var.dtype)))
-    inv_std = jnp.where(n > 0, inv_std, 0)
     # var * scale^2 would overflow where scale^2 does, not only where var does.
-    return Moments(shift, offset, (var * scale) * scale, inv_std, n)
+    return (var * scale) * scale, inv_std
+
+
+def _guarded(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Moments:
+    """:class:`Moments` from the one-pass sums, with the exact passes behind a
+    ``lax.cond`` (see :func:`_centered` and :func:`_mean_square`)."""
+    if center:
+        n, shift, offset, var, inv_std = _centered(raw, sets, epsilon)
+    else:
+        n, var, inv_std = _mean_square(raw, sets, epsilon)
+        shift = offset = jnp.zeros_like(var)
+    return Moments(shift, offset, var, jnp.where(n > 0, inv_std, 0), n)
 
 
 def _moments_of_sets(
