@@ -866,6 +866,23 @@ def _standardize_op(
                 v = jnp.where(mask, v, 0)
             return sets.total(v) / jnp.maximum(stats.count, 1)
 
+        def xhat_of_its_own() -> Array:
+            # Exactly xhat, from negated statistics and (for a converted x) a
+            # conversion of x of its own: XLA on the CPU shares neither xhat nor
+            # the broadcasts of the statistics with another kernel, and computes
+            # it inside its consumer instead of writing one float32 xhat out for
+            # all of them. (The same without the negations: temp up, not down.)
+            x_own, neg_inv = _own_conversion(x, cdt, -inv)
+            return ((-x_own) - (-stats.shift) - (-stats.offset)) * neg_inv
+
+        # On the CPU, a float32 buffer the size of x costs more than its reads
+        # and writes: XLA allocates the temporary memory for every call, and
+        # past 32 MB (glibc's largest mmap threshold) each call maps it afresh
+        # and page-faults on all of it (bfloat16 layer norm 65536x64 fwd+bwd,
+        # temp 33 MB: 8400 faults a call). Only on large inputs: on small ones
+        # the extra expression costs more than the buffer it saves.
+        large = x.size >= 2**20
+
         # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). inv_std,
         # and scale wherever inv_std * scale is smaller than x (batch, instance
         # and group norm: both are constant along some axis of x), multiply the
@@ -923,6 +940,18 @@ def _standardize_op(
                 mean_from_sample = (stats.shift - sample) + stats.offset
                 xs, sample = _own_conversion(x, cdt, sample)
                 dy = mul * dxc + (xs - sample) * coef - mean_from_sample * coef
+            elif large and x.dtype != cdt:
+                # Group norm, bfloat16: the full-size term's xhat of its own
+                # (fwd+bwd, same process: 64x32x32x64 16.6 -> 7.3 ms, temp 32 ->
+                # 16 MB; 32x32x32x128 15.1 -> 6.6 ms). Not in float32, where XLA
+                # writes no xhat out (64x32x32x64 8.0 -> 8.0 ms, 32x32x32x128
+                # 7.4 -> 8.2), nor on the GPU, for which nothing was measured.
+                def xhat_term(cpu: bool) -> Callable[[], Array]:
+                    return lambda: (xhat_of_its_own() if cpu else xhat) * xhat_coef
+
+                dy = mul * dxc + lax.platform_dependent(
+                    cpu=xhat_term(cpu=True), default=xhat_term(cpu=False)
+                )
             else:
                 dy = mul * dxc + xhat * xhat_coef
             const = -(mul * mean_dx) if center else None
@@ -943,20 +972,21 @@ def _standardize_op(
                     dy = (jnp.abs(mul) if cpu else mul) * dxc - xhat * (mul * mean_xhat_dx)
                     if center:
                         dy = dy - mul * mean_dx
-                    # On large inputs, the scale gradient's xhat as an expression of
-                    # its own, from negated statistics (the same values, exactly):
-                    # XLA on the CPU then computes it inside the scale gradient's
-                    # reduction instead of writing one xhat out for both, and the
-                    # broadcasts of the statistics are not shared either (layer
-                    # norm float32 fwd+bwd temp 4096x768 12 -> 0.09 MB, 65536x64
-                    # 16.8 -> 1.5 MB; time within noise). Not on small ones, where
-                    # XLA shares g * scale instead and the extra expression cost
-                    # the 10-layer MLP's training step (128x256) 3-6%; nor for
-                    # converted inputs, whose float32 copy is then written out
-                    # (bfloat16 temp 24 -> 36 MB, 3.7 -> 5.5 ms).
+                    # On large inputs, the scale gradient's xhat of its own: XLA on
+                    # the CPU then computes it inside the scale gradient's
+                    # reduction instead of writing one xhat out for both. fwd+bwd
+                    # temp: float32 4096x768 12 -> 0.09 MB, 65536x64 16.8 -> 1.5 MB
+                    # (time within noise); bfloat16, same process, 65536x64 33 ->
+                    # 18.5 MB and 17.0 -> 7.8 ms (RMS norm 32 -> 17 MB, 9.4 -> 5.7
+                    # ms), 4096x768 24 -> 12 MB and 7.8 -> 4.6 ms. Not on small
+                    # inputs, where XLA shares g * scale instead and the extra
+                    # expression cost the 10-layer MLP's training step (128x256)
+                    # 3-6%; nor on bfloat16 rows of more than 1024, which XLA does
+                    # not fuse into one kernel anyway (512x4096: temp 24 MB either
+                    # way, 3.5 -> 3.8 ms).
                     xhat_for_scale = xhat
-                    if cpu and x.dtype == cdt and x.size >= 2**20:
-                        xhat_for_scale = ((-xc) - (-stats.shift) - (-stats.offset)) * (-inv)
+                    if cpu and large and (x.dtype == cdt or sets.size(x.shape) <= 1024):
+                        xhat_for_scale = xhat_of_its_own()
                     return dy * scale_b + xhat_for_scale * dscale_b.astype(cdt)
 
                 return terms

@@ -315,3 +315,20 @@ def normalize_grad(
     g_mean = g.mean(axis=axes, keepdims=True)
     gx_mean = (g * x_hat).mean(axis=axes, keepdims=True)
     return (g - g_mean - x_hat * gx_mean) * inv_std
+
+
+def rms_normalize_grad(
+    x: np.ndarray, cotangent: np.ndarray, reduce_axes: Axes, epsilon: float
+) -> np.ndarray:
+    """d/dx of sum(cotangent * x / sqrt(mean(x^2) + eps)), the mean over `reduce_axes`.
+
+    With r = 1 / sqrt(mean(x^2) + eps) and xhat = x * r, d(xhat_i)/d(x_j) =
+    r * delta_ij - xhat_i * xhat_j * r / n, so the gradient is
+    (g - xhat * mean(g * xhat)) * r.
+    """
+    x = np.asarray(x, np.float64)
+    g = np.broadcast_to(np.asarray(cotangent, np.float64), x.shape)
+    axes = canonical_axes(x.ndim, reduce_axes)
+    r = 1.0 / np.sqrt((x * x).mean(axis=axes, keepdims=True) + epsilon)
+    x_hat = x * r
+    return (g - x_hat * (g * x_hat).mean(axis=axes, keepdims=True)) * r

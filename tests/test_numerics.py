@@ -621,6 +621,60 @@ def test_bfloat16_gradient_converts_x_inside_its_kernels(name, axes):
     assert temp < 1.5 * x.size * 4
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "group_norm"])
+def test_large_bfloat16_gradient_keeps_one_float32_buffer(name):
+    # On inputs of 2^20 entries or more, the derivative computes the xhat of
+    # one of its full-size terms from a conversion of x of its own (the scale
+    # gradient's for layer and RMS norm, the input gradient's for group norm),
+    # so XLA on the CPU writes out one float32 buffer of x's size, not two:
+    # past 32 MB every call page-faults on all of its temporary memory. The
+    # gradients with respect to x, the scale and the bias are the closed form's.
+    width = 64
+    x = jnp.asarray(1.0 + 2.0 * _normal(27, (2**14, width)), jnp.bfloat16)
+    g = jnp.asarray(_normal(28, x.shape), jnp.float32)
+    scale, bias = _affine(Case(None, None, x.shape, width, None))
+    groups = 8
+    if name == "group_norm":
+        x, g = x.reshape(16, 32, 32, width), g.reshape(16, 32, 32, width)
+        op = lambda x, s, b: nj.group_norm(x, s, b, num_groups=groups)  # noqa: E731
+    else:
+        op = ALL_CASES[name].op
+    grad = jax.grad(lambda x, s, b, g: jnp.sum(op(x, s, b).astype(jnp.float32) * g),
+                    argnums=(0, 1, 2))
+    dx, dscale, dbias = jax.jit(grad)(x, scale, bias, g)
+
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    def grouped(v):  # group norm's sets as the reduced axes (1, 2, 4)
+        return v.reshape(v.shape[:-1] + (groups, width // groups))
+    axes = (1, 2, 4) if name == "group_norm" else (-1,)
+    view = grouped if name == "group_norm" else (lambda v: v)
+    if name == "rms_norm":
+        xhat = x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6)
+    else:
+        mean, var, _ = ref.masked_moments(view(x64), axes, None)
+        xhat = ((view(x64) - mean) / np.sqrt(var + 1e-6)).reshape(x64.shape)
+    summed_axes = tuple(range(x.ndim - 1))
+    failures = []
+    # y's cotangent: g rounded to bfloat16 on the CPU, g itself on the GPU (see
+    # test_bfloat16_gradient_converts_x_inside_its_kernels).
+    for cotangent in (g.astype(jnp.bfloat16).astype(jnp.float32), g):
+        c = np.asarray(cotangent, np.float64)
+        grad_x = ref.rms_normalize_grad if name == "rms_norm" else ref.normalize_grad
+        expected_dx = grad_x(view(x64), view(c * scale), axes, 1e-6).reshape(x64.shape)
+        try:
+            _within_resolution(dx, expected_dx, jnp.bfloat16)
+            np.testing.assert_allclose(dscale, (c * xhat).sum(summed_axes), rtol=1e-5, atol=1e-3)
+            if name != "rms_norm":
+                np.testing.assert_allclose(dbias, c.sum(summed_axes), rtol=1e-5, atol=1e-3)
+            break
+        except AssertionError as e:
+            failures.append(str(e))
+    else:
+        raise AssertionError(f"neither cotangent's gradient is the closed form's: {failures}")
+    temp = _cpu_compiled(grad, x, scale, bias, g).memory_analysis().temp_size_in_bytes
+    assert temp < 1.25 * x.size * 4
+
+
 # ------------------------------------------- large half-precision rows: branch-free path
 
 
