@@ -902,10 +902,27 @@ def _standardize_op(
             # RMS norm: mean(x * dx) * inv_std, so that the transpose reduces x
             # itself; XLA wrote the xhat it shares with the output's gradient out
             # in full (float32 fwd+bwd 512x4096: temp 8 -> 0 MB, 3.5 -> 2.3 ms;
-            # 1024x1024: 1.06 -> 0.77 ms). Not for converted inputs, whose
-            # float32 copy it then writes out instead (bfloat16 4096x768: temp
-            # 12 -> 24 MB, 4.0 -> 5.9 ms).
+            # 1024x1024: 1.06 -> 0.77 ms). A converted x needs a conversion of
+            # its own for it, or XLA writes a float32 copy of x out (bfloat16
+            # 4096x768: temp 12 -> 24 MB, 4.0 -> 5.9 ms).
             mean_xhat_dx = counted_mean(xc * dxc) * inv
+        elif not center and large and scale is not None and not factor_scale:
+            # bfloat16 RMS norm, large: the same on the CPU, from a conversion of
+            # x of its own (with the scale gradient's own xhat, see row_terms).
+            # Rows of 4096, same process: temp 24 -> 16 MB, fwd+bwd 3.1 -> 2.4 ms
+            # (Flax 2.7); shorter rows unchanged.
+            def mean_x_dx(cpu: bool) -> Callable[[], Array]:
+                def mean() -> Array:
+                    if not cpu:
+                        return counted_mean(xhat * dxc)
+                    x_own, inv_own = _own_conversion(x, cdt, inv)
+                    return counted_mean(x_own * dxc) * inv_own
+
+                return mean
+
+            mean_xhat_dx = lax.platform_dependent(
+                cpu=mean_x_dx(cpu=True), default=mean_x_dx(cpu=False)
+            )
         else:
             mean_xhat_dx = counted_mean(xhat * dxc)
         mean_dx = counted_mean(dxc) if center else None
@@ -981,11 +998,12 @@ def _standardize_op(
                     # ms), 4096x768 24 -> 12 MB and 7.8 -> 4.6 ms. Not on small
                     # inputs, where XLA shares g * scale instead and the extra
                     # expression cost the 10-layer MLP's training step (128x256)
-                    # 3-6%; nor on bfloat16 rows of more than 1024, which XLA does
-                    # not fuse into one kernel anyway (512x4096: temp 24 MB either
-                    # way, 3.5 -> 3.8 ms).
+                    # 3-6%; nor on layer norm's bfloat16 rows of more than 1024,
+                    # which XLA does not fuse into one kernel anyway (512x4096:
+                    # temp 24 MB either way, 3.5 -> 3.8 ms).
                     xhat_for_scale = xhat
-                    if cpu and large and (x.dtype == cdt or sets.size(x.shape) <= 1024):
+                    short_rows = sets.size(x.shape) <= 1024
+                    if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
                     return dy * scale_b + xhat_for_scale * dscale_b.astype(cdt)
 
