@@ -986,9 +986,27 @@ def _standardize_op(
                     # between xhat's kernel and the transpose's, and write it out
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
-                    dy = (jnp.abs(mul) if cpu else mul) * dxc - xhat * (mul * mean_xhat_dx)
-                    if center:
-                        dy = dy - mul * mean_dx
+                    direct = (jnp.abs(mul) if cpu else mul) * dxc
+                    via_xhat = xhat * (mul * mean_xhat_dx)
+                    short_rows = sets.size(x.shape) <= 1024
+                    if cpu and large and center and not short_rows:
+                        # Layer norm rows of more than 1024: each term times the
+                        # scale on its own, two of them through a negation, so that
+                        # the transpose's two row sums and the input gradient each
+                        # multiply g by the scale themselves; XLA on the CPU wrote
+                        # one g * scale out for all three. 512x4096, same process:
+                        # float32 temp 8 -> 0.02 MB, fwd+bwd 4.0 -> 3.6 ms;
+                        # bfloat16 24 -> 16 MB, time unchanged. (Rows of up to
+                        # 1024 already compile to one kernel; there it measured
+                        # slower.)
+                        dy_scaled = (
+                            direct * scale_b + via_xhat * (-scale_b) - (mul * mean_dx) * scale_b
+                        )
+                    else:
+                        dy = direct - via_xhat
+                        if center:
+                            dy = dy - mul * mean_dx
+                        dy_scaled = dy * scale_b
                     # On large inputs, the scale gradient's xhat of its own: XLA on
                     # the CPU then computes it inside the scale gradient's
                     # reduction instead of writing one xhat out for both. fwd+bwd
@@ -1002,10 +1020,9 @@ def _standardize_op(
                     # which XLA does not fuse into one kernel anyway (512x4096:
                     # temp 24 MB either way, 3.5 -> 3.8 ms).
                     xhat_for_scale = xhat
-                    short_rows = sets.size(x.shape) <= 1024
                     if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
-                    return dy * scale_b + xhat_for_scale * dscale_b.astype(cdt)
+                    return dy_scaled + xhat_for_scale * dscale_b.astype(cdt)
 
                 return terms
 
