@@ -21,7 +21,11 @@ The repetitions of the JAX implementations and the copy floor are interleaved
 repetition, in one process) so machine noise hits all of them alike; PyTorch's
 repetitions follow in a phase of their own (see :func:`time_case`). The
 compiled temporary memory of forward+backward comes from
-``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``.
+``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``, and
+the minor page faults per call of the JAX implementations from ``getrusage``
+(XLA allocates a program's temporary memory and outputs on every call; a
+block that glibc maps afresh page-faults on every page, which on the CPU can
+cost more than the computation).
 
 The issue's targets are checked at the end: normjax/Flax <= 1.0 (worst <= 1.05)
 forward and forward+backward, geometric mean <= 0.8 on forward+backward,
@@ -256,6 +260,15 @@ def _calls_per_sample(fn: Callable[[], Any]) -> int:
     return max(1, math.ceil(SAMPLE_SECONDS / max(once, 1e-7)))
 
 
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (None where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Linux or macOS
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _sample_ms(fn: Callable[[], Any], calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -266,8 +279,9 @@ def _sample_ms(fn: Callable[[], Any], calls: int) -> float:
 
 def time_case(
     impls: dict[str, Compiled], copy: Callable[[], Any], reps: int, seed: int
-) -> dict[tuple[str, str], float]:
-    """Median ms of every (implementation, mode), repetitions interleaved.
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Median ms and median minor page faults per call of every (implementation,
+    mode), repetitions interleaved.
 
     PyTorch is timed in a phase of its own, after the JAX implementations: its
     OpenMP threads keep spinning on both cores for a while after each call, and
@@ -283,16 +297,22 @@ def time_case(
         fns[(name, "fwd+bwd")] = impl.fwd_bwd
     rng = random.Random(seed)
     times: dict[tuple[str, str], float] = {}
+    faults: dict[tuple[str, str], float] = {}
     for fns in (jax_fns, torch_fns):
         calls = {key: _calls_per_sample(fn) for key, fn in fns.items()}
         samples: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+        fault_samples: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
         order = list(fns)
         for _ in range(reps if fns else 0):
             rng.shuffle(order)
             for key in order:
+                before = _minor_faults()
                 samples[key].append(_sample_ms(fns[key], calls[key]))
+                if before is not None:
+                    fault_samples[key].append((_minor_faults() - before) / calls[key])
         times.update({key: statistics.median(v) for key, v in samples.items()})
-    return times
+        faults.update({key: statistics.median(v) for key, v in fault_samples.items() if v})
+    return times, faults
 
 
 def device_ms(fns: dict[Any, Callable[[], Any]], calls: int) -> dict[Any, float]:
@@ -385,13 +405,14 @@ def run(
     for i, case in enumerate(cases):
         impls, copy = build_case(case, torch_device, with_torch=not device_time)
         if device_time:
-            times = device_time_case(impls, copy, reps)
+            times, faults = device_time_case(impls, copy, reps), {}
         else:
-            times = time_case(impls, copy, reps, seed=i)
+            times, faults = time_case(impls, copy, reps, seed=i)
         row: dict[str, Any] = {"case": case, "copy": times[("copy", "fwd")]}
         for name in IMPLS:
             for mode in MODES:
                 row[(name, mode)] = times.get((name, mode))
+                row[("faults", name, mode)] = faults.get((name, mode))
         for name in ("normjax", "flax", "flax-stable"):
             row[("temp", name)] = impls[name].temp_bytes
         rows.append(row)
@@ -409,7 +430,7 @@ def report(rows: list[dict[str, Any]], reps: int, device_time: bool = False) -> 
         "| case | copy | normjax fwd | flax fwd | flax-stable fwd | torch fwd "
         "| normjax f+b | flax f+b | flax-stable f+b | torch f+b "
         "| nj/flax fwd | nj/flax f+b | nj/stable f+b | nj/torch (worst) "
-        "| temp MB nj / flax / stable |"
+        "| temp MB nj / flax / stable | faults/call nj / flax: fwd; f+b |"
     )
     lines = [header, "|" + "|".join(["---"] * (header.count("|") - 1)) + "|"]
     fwd_r, fb_r, stable_r, torch_r, ln_temp = [], [], [], [], []
@@ -445,6 +466,10 @@ def report(rows: list[dict[str, Any]], reps: int, device_time: bool = False) -> 
             _fmt(r_stable),
             _fmt(max(r_torch) if r_torch else None),
             " / ".join(_fmt(None if t is None else t / 2**20, 1) for t in temps),
+            "; ".join(
+                " / ".join(_fmt(row[("faults", n, mode)], 0) for n in ("normjax", "flax"))
+                for mode in MODES
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
 
