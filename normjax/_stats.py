@@ -5,17 +5,15 @@ adds the analytic derivative) for its statistics and :func:`normalize` to
 apply them, so the numerics are fixed once:
 
 * Statistics are accumulated in at least float32, whatever the input dtype.
-* On large inputs (2^20 entries or more), one pass, ``E[x^2] - E[x]^2``,
-  only where it cannot cancel badly: where every set's mean is within 2
-  standard deviations of zero (and the sums are finite). Its rounding error
-  is then within 13 times the two-pass formula's, and it compiles to two
-  plain reductions, as fast as Flax's.
+* One pass, ``E[x^2] - E[x]^2``, only where it cannot cancel badly: where
+  every set's mean is within 2 standard deviations of zero (and the sums are
+  finite). Its rounding error is then within 13 times the two-pass
+  formula's, and it compiles to two plain reductions, as fast as Flax's.
 * Everywhere else (data with mean 1e4 and std 1, constant sets, |x| ~ 1e30),
-  behind a ``lax.cond``, and on smaller inputs always (a conditional costs
-  them more compile time than the extra pass costs run time): two passes,
-  the mean of squared deviations from the mean, divided by a scale found from
-  the one-pass sum of squares so that no square overflows. The mean is held
-  as a shift (one sample of the data) plus an offset, so a constant set
+  behind a ``lax.cond``: two passes, the mean of squared deviations from the
+  mean, divided by a scale found from the one-pass sum of squares so that no
+  square overflows. The mean is
+  held as a shift (one sample of the data) plus an offset, so a constant set
   is exactly constant (variance exactly 0) and the normalized output keeps
   the precision of the deviations.
 * A branch-free path, as exact, sums the squared deviations both plainly and
@@ -269,15 +267,9 @@ def _distinct_shifts(x: Array, axes: tuple[int, ...]) -> bool:
     XLA on the CPU writes ``x - shift`` out in full if several reductions and
     the output share it; with a different sample each, every use is its own
     expression and fuses into its reduction. Rows (layer norm) already compile
-    to one fusion. Only on large inputs (see _LARGE_INPUT): on small ones each
-    sample is one more kernel to compile, and the full-size buffer is small.
+    to one fusion.
     """
-    return (
-        bool(axes)
-        and x.ndim - 1 not in axes
-        and max(x.shape[a] for a in axes) >= 3
-        and x.size >= _LARGE_INPUT
-    )
+    return bool(axes) and x.ndim - 1 not in axes and max(x.shape[a] for a in axes) >= 3
 
 
 def _split_groups(v: Array, channel_groups: int) -> Array:
@@ -345,34 +337,18 @@ def _own_conversion(raw: Array, dtype: Any, dep: Any) -> tuple[Array, Any]:
 # float32), and it reads x in two plain reductions that XLA fuses like Flax's.
 _ONE_PASS_RATIO = 4.0
 
-# Inputs of at least this many entries are large. There run time decides, and
-# the statistics and the derivative take the rewrites that save passes over x
-# and full-size buffers: the guard's one-pass branch, a sample of the set of
-# its own for each full-size use of x (_distinct_shifts), the derivative's
-# own conversions and xhat expressions. On smaller inputs each rewrite costs
-# more compile time than it saves run time: the exact passes run
-# unconditionally (one more reduction than the one-pass sums, and no
-# lax.cond or predicate), and every use of x subtracts the same shift. XLA
-# on the CPU compiles a kernel for every distinct fusion; the training steps
-# of benchmarks/train_step.py (10-layer MLPs on 128x256, a CNN on
-# 128x8x8x32/64) compiled in 1.3-1.7x Flax's time with the guard and these
-# rewrites, and 0.9-1.2x without, their steps 2-3% slower (still faster than
-# Flax's); see benchmarks/README.md, "Compile time".
-_LARGE_INPUT = 2**20
-
 
 def _centered(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Array, Array, Array]:
     """(count, shift, offset, variance, inv_std), mean = shift + offset.
 
-    On inputs of fewer than ``_LARGE_INPUT`` entries, the two passes below,
-    unconditionally. On large ones, first the sums of x and x^2 in one pass:
-    where every set's mean is within ``sqrt(_ONE_PASS_RATIO)`` standard
-    deviations of zero and the sums are finite, they give the statistics
-    (shift = the mean, offset 0); otherwise, behind a ``lax.cond`` (data far
-    from zero, constant sets, |x| ~ 1e30), two passes: the offset of the mean
-    from a shift that is one sample of the set, then the squared deviations
-    from the mean. Normalization subtracts shift and offset separately, so
-    the mean's precision is not capped by rounding it to x's dtype.
+    First the sums of x and x^2 in one pass. Where every set's mean is within
+    ``sqrt(_ONE_PASS_RATIO)`` standard deviations of zero and the sums are
+    finite, they give the statistics (shift = the mean, offset 0). Otherwise,
+    behind a ``lax.cond`` (data far from zero, constant sets, |x| ~ 1e30),
+    two passes: the offset of the mean from a shift that is one sample of the
+    set, then the squared deviations from the mean. Normalization subtracts
+    shift and offset separately, so the mean's precision is not capped by
+    rounding it to x's dtype.
 
     References: Chan, Golub and LeVeque 1983 (the shifted and corrected
     two-pass algorithms; the error bound of the one-pass formula).
@@ -383,14 +359,6 @@ def _centered(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Ar
 
     def counted(v: Array) -> Array:
         return v if sets.mask is None else jnp.where(sets.mask, v, 0)
-
-    if raw.size < _LARGE_INPUT:
-        # The exact passes alone (see _LARGE_INPUT); the sum of squares sizes
-        # their scale.
-        x_sq, _ = _own_conversion(raw, dtype, safe_n)
-        sum_squares = sets.total(lax.square(counted(x_sq)))
-        shift, offset, var, scale = _two_passes(raw, dtype, sets, safe_n, sum_squares)
-        return n, shift, offset, *_unscaled(var, scale, epsilon)
 
     # Each sum converts a bfloat16 x itself (the output the plain one).
     x_sum, n_sum = _own_conversion(raw, dtype, safe_n)
@@ -661,7 +629,8 @@ def _unscaled(var: Array, scale: Array, epsilon: float) -> tuple[Array, Array]:
     inv_std = lax.rsqrt(var + jnp.maximum(epsilon / lax.square(scale), tiny)) / scale
     # A constant set of |x| > 1e16 floors that term: its inv_std is that of var 0.
     # (Any other set of such x has a variance far above epsilon.) A NaN variance
-    # (a set holding inf or NaN) keeps its NaN.
+    # (a set holding inf or NaN) keeps its NaN: a set holding inf has an infinite
+    # offset, and a finite inv_std would normalize it to +-inf, not NaN.
     inv_std = jnp.where(var == 0, lax.rsqrt(jnp.asarray(epsilon, var.dtype)), inv_std)
     # var * scale^2 would overflow where scale^2 does, not only where var does.
     return (var * scale) * scale, inv_std
@@ -914,7 +883,7 @@ def _standardize_op(
         # and page-faults on all of it (bfloat16 layer norm 65536x64 fwd+bwd,
         # temp 33 MB: 8400 faults a call). Only on large inputs: on small ones
         # the extra expression costs more than the buffer it saves.
-        large = x.size >= _LARGE_INPUT
+        large = x.size >= 2**20
 
         # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). inv_std,
         # and scale wherever inv_std * scale is smaller than x (batch, instance

@@ -41,20 +41,6 @@ def off_cpu_paths(monkeypatch):
     nj._stats._standardize_op.cache_clear()
 
 
-@pytest.fixture
-def as_large_inputs(monkeypatch):
-    """Every input counts as large (``_stats._LARGE_INPUT``) for the duration of
-    the test: the statistics and derivative take the rewrites of large inputs
-    (the guard's conditional, distinct shifts, the derivative's sample) on the
-    small arrays the test uses."""
-    import normjax as nj
-
-    monkeypatch.setattr(nj._stats, "_LARGE_INPUT", 1)
-    nj._stats._standardize_op.cache_clear()  # ops traced with the small inputs' paths
-    yield
-    nj._stats._standardize_op.cache_clear()
-
-
 if _PATHS == "off-cpu":
 
     @pytest.fixture(autouse=True)

@@ -93,15 +93,6 @@ def _cpu_hlo(fn, *args):
     return _cpu_compiled(fn, *args).as_text()
 
 
-@pytest.fixture(params=["small", "as large"])
-def either_size(request):
-    """Runs the test twice: on its small inputs as they are (the exact passes
-    alone), and as if they were large (the guard: one-pass sums, the exact
-    passes behind a conditional, and the derivative's rewrites)."""
-    if request.param == "as large":
-        request.getfixturevalue("as_large_inputs")
-
-
 def _affine(case: Case, seed: int = 100):
     rng = np.random.default_rng(seed)
     return (rng.uniform(0.5, 2.0, case.features).astype(np.float32),
@@ -112,7 +103,7 @@ def _affine(case: Case, seed: int = 100):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_stable_variance_on_large_mean(name, record_property, either_size):
+def test_stable_variance_on_large_mean(name, record_property):
     case = CASES[name]
     x = (1e4 + _normal(0, case.shape)).astype(np.float32)
     y = np.asarray(case.op(x, None, None), np.float64)
@@ -123,7 +114,7 @@ def test_stable_variance_on_large_mean(name, record_property, either_size):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_large_mean_keeps_the_precision_of_the_deviations(name, either_size):
+def test_large_mean_keeps_the_precision_of_the_deviations(name):
     # float32 rounds a mean of 1e4 to within 5e-4; subtracting that rounded mean
     # would put errors of ~5e-4 (in units of the std) into every output. The
     # deviations themselves are exact to ~1e-7 of the std, and so must the output be.
@@ -151,10 +142,10 @@ def test_outlying_shift_samples_keep_the_precision(name, outliers):
 
 @pytest.mark.parametrize("size", [768, 65536])
 @pytest.mark.parametrize("mean", [0.0, 1.0, 1.95, 2.05, 10.0, 30.0])
-def test_one_pass_only_where_it_cannot_cancel(size, mean, as_large_inputs):
-    # On large inputs the statistics come from E[x^2] - E[x]^2 only where every
-    # set's mean is within 2 standard deviations of zero (error within ~13x the
-    # two-pass formula's), else from two passes. Used at a mean of 10 std, the one-pass
+def test_one_pass_only_where_it_cannot_cancel(size, mean):
+    # The statistics come from E[x^2] - E[x]^2 only where every set's mean is
+    # within 2 standard deviations of zero (error within ~13x the two-pass
+    # formula's), else from two passes. Used at a mean of 10 std, the one-pass
     # formula is off by 3e-5 here, at 30 std by 2e-4.
     x = (mean + _normal(7, (4, size))).astype(np.float32)
     xd = x.astype(np.float64)
@@ -237,7 +228,7 @@ def test_flax_layer_norm_default_is_off_on_large_mean(record_property):
 
 @pytest.mark.parametrize("name", list(ALL_CASES))
 @pytest.mark.parametrize("loc", [0.0, 3.0])
-def test_magnitude_1e30_is_finite_and_normalized(name, loc, either_size):
+def test_magnitude_1e30_is_finite_and_normalized(name, loc):
     case = ALL_CASES[name]
     x = (1e30 * (loc + _normal(3, case.shape))).astype(np.float32)
     with np.errstate(over="ignore"):
@@ -256,7 +247,7 @@ def test_magnitude_1e30_jit():
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_a_set_holding_inf_or_nan_normalizes_to_nan_and_no_other(name, bad, either_size):
+def test_a_set_holding_inf_or_nan_normalizes_to_nan_and_no_other(name, bad):
     # Its mean and variance are not numbers, so neither is any of its outputs
     # (an infinite offset times a finite inv_std would give +-inf, not NaN);
     # every other set is normalized as without it.
@@ -286,7 +277,7 @@ def _with_constant_set(case: Case, value: float, seed: int = 5) -> tuple[np.ndar
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("value, atol", [(3.0, 1e-6), (2.0**100, 1e-6), (0.1, 1e-4)])
-def test_constant_set_gives_bias(name, value, atol, either_size):
+def test_constant_set_gives_bias(name, value, atol):
     case = CASES[name]
     x, constant = _with_constant_set(case, value)
     scale, bias = _affine(case)
@@ -439,9 +430,7 @@ def test_float64_statistics_under_x64():
         np.testing.assert_allclose(np.asarray(y), ref.layer_norm(x.T), atol=1e-6)
 
 
-def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it(
-    as_large_inputs,
-):
+def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it():
     # Under jax.vmap the one-pass/two-pass choice is made once for all examples, so
     # the conditional survives (a batched predicate would run both branches). An
     # example far from zero sends the whole batch down the exact path.
@@ -505,18 +494,10 @@ def _assert_exact_statistics(stats, ms, x64):
     assert np.isinf(np.asarray(ms.var)[~finite]).all()
 
 
-# The paths of the statistics: as ``moments`` dispatches them on this platform,
-# guarded (on small inputs, the exact passes alone), guarded as on large inputs
-# (the one-pass sums, the exact passes behind the conditional), or branch-free
-# (the path every unmasked float32-statistics norm takes off the CPU).
-PATHS = ["default", "guarded", "guarded, large", "branch-free"]
-
-
-def _statistics_by_path(path, axes, channel_groups=None, request=None):
-    """Both statistics (centered and mean square) of one of ``PATHS``; ``request``,
-    the test's, for "guarded, large"."""
-    if path == "guarded, large":
-        request.getfixturevalue("as_large_inputs")
+def _statistics_by_path(path, axes, channel_groups=None):
+    """Both statistics (centered and mean square) of one path: as ``moments``
+    dispatches them on this platform, guarded, or branch-free (the path every
+    unmasked float32-statistics norm takes off the CPU)."""
     sets = nj._stats._Sets(axes, channel_groups, None, None, None)
 
     def statistics(x):
@@ -528,16 +509,16 @@ def _statistics_by_path(path, axes, channel_groups=None, request=None):
     return statistics
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["default", "guarded", "branch-free"])
 @pytest.mark.parametrize("data", ["bfloat16 rows of 64", "float32 rows of 256"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_statistics_of_hard_rows_are_exact(path, data, jit, request):
+def test_statistics_of_hard_rows_are_exact(path, data, jit):
     bfloat16 = data.startswith("bfloat16")
     x64 = _hard_bfloat16_rows() if bfloat16 else _hard_float32_rows()
     x = jnp.asarray(x64, jnp.bfloat16 if bfloat16 else jnp.float32)
     # (Under jit, XLA also folds constant rescalings that eager dispatch leaves
     # alone, hence both.)
-    statistics = _statistics_by_path(path, (1,), request=request)
+    statistics = _statistics_by_path(path, (1,))
     _assert_exact_statistics(*(jax.jit(statistics) if jit else statistics)(x), x64)
 
 
@@ -566,12 +547,10 @@ def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_laye
     assert conditionals(rows, center=True) == 0
     assert conditionals(rows, center=False) > 0  # RMS norm's statistics: guarded
     assert conditionals(rows.astype(jnp.float32), center=True) > 0
-    # Small inputs (fewer than _LARGE_INPUT entries): the exact passes alone.
-    assert conditionals(rows[:4], center=True) == 0
-    assert conditionals(rows[:4].astype(jnp.float32), center=True) == 0
+    assert conditionals(rows[:4], center=True) > 0
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["default", "guarded", "branch-free"])
 @pytest.mark.parametrize(
     "shape, axes, channel_groups, sets",
     [
@@ -583,15 +562,15 @@ def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_laye
     ],
     ids=["batch", "instance", "group", "layer-2d"])
 def test_statistics_of_hard_sets_of_every_shape_are_exact(path, shape, axes, channel_groups,
-                                                          sets, request):
+                                                          sets):
     # The hard float32 rows laid out as the sets of batch, instance, group and
     # 2-D layer norm.
     index = sets(np.arange(int(np.prod(shape))).reshape(shape))
     x64 = np.empty(int(np.prod(shape)))
     x64[index] = _hard_float32_rows()
     x64 = x64.reshape(shape)
-    statistics = _statistics_by_path(path, axes, channel_groups, request)
-    stats, ms = jax.jit(statistics)(jnp.asarray(x64, jnp.float32))
+    stats, ms = jax.jit(_statistics_by_path(path, axes, channel_groups))(jnp.asarray(x64,
+                                                                                  jnp.float32))
 
     def per_set(moments):
         return types.SimpleNamespace(**{
@@ -642,9 +621,8 @@ def _for_either_cotangent(g, check):
 
 
 @pytest.mark.parametrize("name, axes", [("batch_norm", (0, 1, 2)), ("instance_norm", (1, 2))])
-def test_bfloat16_gradient_converts_x_inside_its_kernels(name, axes, as_large_inputs):
-    # On large inputs (this small one stands in for one), the derivative's
-    # (x - sample) term converts a bfloat16 x itself: no
+def test_bfloat16_gradient_converts_x_inside_its_kernels(name, axes):
+    # The derivative's (x - sample) term converts a bfloat16 x itself: no
     # float32 copy of x is written out for it. What remains is one float32 copy
     # of the cotangent (two copies before). And the gradient is the closed form's.
     x = jnp.asarray(_normal(25, (16, 8, 8, 32)), jnp.bfloat16)
