@@ -689,14 +689,15 @@ def test_large_bfloat16_gradient_keeps_one_float32_buffer(name, width, buffers):
     assert temp < (buffers + 0.25) * x.size * 4
 
 
-@pytest.mark.parametrize("shape", [(4096, 768), (256, 4096)])
+@pytest.mark.parametrize("shape", [(4096, 768), (256, 4096), (65536, 64)])
 def test_layer_norm_float32_gradient_temporary_memory(shape):
     # The target: layer norm's forward+backward keeps at most 0.1x the
     # input's size in temporary memory (Flax's keeps 2x). XLA on the CPU fuses
     # rows of up to 1024 into one kernel once the scale gradient has an xhat of
     # its own; on rows of 4096 the input gradient's terms also take the scale
-    # each on its own, or XLA writes g * scale out (8 MB at 512x4096). The
-    # gradients are the closed form's.
+    # each on its own, or XLA writes g * scale out (8 MB at 512x4096). On rows
+    # of 64 what remains are per-row statistics, six of them live at once
+    # (1.5 MB of 16 MB; nine before). The gradients are the closed form's.
     x = jnp.asarray(_normal(29, shape), jnp.float32)
     g = jnp.asarray(_normal(30, shape), jnp.float32)
     scale, bias = _affine(Case(None, None, shape, shape[-1], None))
