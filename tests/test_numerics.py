@@ -263,6 +263,29 @@ def test_a_set_holding_inf_or_nan_normalizes_to_nan_and_no_other(name, bad):
     np.testing.assert_allclose(y[others], expected[others], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op, shape, dtype", [
+    ("layer_norm", (2048, 512), jnp.float32),  # large: the guard's one-pass sums
+    ("layer_norm", (65536, 64), jnp.bfloat16),  # the CPU's branch-free path
+    ("batch_norm", (64, 32, 32, 64), jnp.float32),
+])
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_large_input_holding_inf_or_nan_normalizes_that_set_to_nan(op, shape, dtype, bad):
+    x = _normal(7, shape).astype(np.float32)
+    x.reshape(-1, shape[-1])[5, 3] = bad
+    if op == "layer_norm":
+        y = np.asarray(jax.jit(nj.layer_norm)(jnp.asarray(x, dtype)), np.float32)
+        poisoned = np.zeros(shape, bool).reshape(-1, shape[-1])
+        poisoned[5] = True
+    else:
+        train = jax.jit(lambda x: nj.batch_norm(x, nj.batch_norm_state(shape[-1]), training=True))
+        y = np.asarray(train(jnp.asarray(x, dtype))[0], np.float32)
+        poisoned = np.zeros(shape, bool)
+        poisoned[..., 3] = True
+    poisoned = poisoned.reshape(shape)
+    assert np.isnan(y[poisoned]).all()
+    assert np.isfinite(y[~poisoned]).all()
+
+
 # -------------------------------------------------------------------- constant channels
 
 
