@@ -296,7 +296,7 @@ def _downscale_for_squares(sum_squares: Array) -> Array:
     most 1: every ``|x|`` is below the scale, so every ``|x - mean| / scale``
     is at most 2.
     Where it overflowed (then the largest ``|x|`` is above 2^52 for sets of up
-    to 2^24 entries), _OVERFLOW_SCALE: deviations below 2^129 give squares
+    to 2^24 entries), 1 / _OVERFLOW_SCALE: deviations below 2^129 give squares
     below 2^98, whose sum overflows only past 2^30 entries. A deviation that
     underflows there (below 2^17) is negligible next to such a set's variance,
     or is a multiple of its large entries' spacing (at least 2^29), which
@@ -304,14 +304,25 @@ def _downscale_for_squares(sum_squares: Array) -> Array:
     scale costs no pass over x, which the largest ``|x|`` did (one kernel
     less to compile per layer, and one read less on data far from zero).
 
-    A factor, and :func:`_unscaled` finds the scale by an expression of its
-    own: with the deviations divided by one shared scale, XLA on the CPU wrote
-    out per set both the scale and a broadcast 1 for its reciprocal, which the
-    YNNPACK reduction of the squares reads (layer norm 65536x64 float32
-    fwd+bwd: temp 2.0 -> 1.75 MB).
+    A factor, and :func:`_unscaled` takes the scale from
+    :func:`_scale_for_squares`, an expression of its own: with the deviations
+    divided by one shared scale, XLA on the CPU wrote out per set both the
+    scale and a broadcast 1 for its reciprocal, which the YNNPACK reduction
+    of the squares reads (layer norm 65536x64 float32 fwd+bwd: temp 2.0 ->
+    1.75 MB).
     """
     return jnp.where(
         jnp.isfinite(sum_squares), jnp.minimum(lax.rsqrt(sum_squares), 1), 1 / _OVERFLOW_SCALE
+    )
+
+
+def _scale_for_squares(sum_squares: Array) -> Array:
+    """1 / :func:`_downscale_for_squares`, by another expression (``sqrt``, not
+    ``rsqrt``), so that XLA computes each inside the kernel that uses it. The
+    two's product is 1 within 1.5 units in the last place (2 million sums of
+    squares from 1e-30 to 3e38)."""
+    return jnp.where(
+        jnp.isfinite(sum_squares), jnp.maximum(lax.sqrt(sum_squares), 1), _OVERFLOW_SCALE
     )
 
 
@@ -373,17 +384,21 @@ def _centered(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Ar
     mean = sets.total(counted(x_sum)) / n_sum
     x_sq, mean = _own_conversion(raw, dtype, mean)
     sum_squares = sets.total(lax.square(counted(x_sq)))
-    var = sum_squares / safe_n - lax.square(mean)
+
+    def one_pass_variance() -> Array:
+        return sum_squares / safe_n - lax.square(mean)
+
+    var = one_pass_variance()
     one_pass = jnp.all(jnp.isfinite(var) & (lax.square(mean) <= _ONE_PASS_RATIO * var))
 
     def from_one_pass(_: Any) -> tuple[Array, Array, Array, Array]:
         # offset is exactly 0 and carries the mean's derivative. The variance
-        # again from the sums, as above: had the branch taken the predicate's
-        # variance, XLA would keep one more per-set buffer live across the
-        # conditional (layer norm 65536x64 float32 fwd+bwd: temp 2.25 -> 2.0 MB).
-        one_pass_var = sum_squares / safe_n - lax.square(mean)
+        # computed again in the branch: had it taken the predicate's, XLA would
+        # keep one more per-set buffer live across the conditional (layer norm
+        # 65536x64 float32 fwd+bwd: temp 2.25 -> 2.0 MB).
+        branch_var = one_pass_variance()
         shift = lax.stop_gradient(mean)
-        return shift, mean - shift, one_pass_var, _plain_inv_std(one_pass_var, epsilon)
+        return shift, mean - shift, branch_var, _plain_inv_std(branch_var, epsilon)
 
     def from_two_passes(_: Any) -> tuple[Array, Array, Array, Array]:
         # Converts raw itself: capturing the converted x would make XLA keep a
@@ -637,14 +652,9 @@ def _unscaled(var: Array, sum_squares: Array, epsilon: float) -> tuple[Array, Ar
     without (three runs); batch norm training's forward went from 1.06-1.70x
     Flax to 0.76-1.48x over 8 cases in three processes.
     """
-    # The scale as 1 / downscale, by an expression of its own (see
-    # _downscale_for_squares: XLA shares one expression between its kernels by
-    # writing it out). Their product is 1 within 1.5 units in the last place
-    # (2 million sums of squares from 1e-30 to 3e38), so the variance is
-    # within 3 more and inv_std within 1.5.
-    scale = jnp.where(
-        jnp.isfinite(sum_squares), jnp.maximum(lax.sqrt(sum_squares), 1), _OVERFLOW_SCALE
-    )
+    # The scale and the passes' downscale are reciprocal within 1.5 units in
+    # the last place: at most 3 more in the variance and 1.5 in inv_std.
+    scale = _scale_for_squares(sum_squares)
     # rsqrt(var + eps) = rsqrt(var_s + eps / scale^2) / scale, with the term
     # floored at the smallest normal so that a zero variance stays finite.
     tiny = jnp.finfo(var.dtype).tiny
