@@ -283,9 +283,11 @@ def _expand_groups(per_group: Array, shape: tuple[int, ...]) -> Array:
     return jnp.broadcast_to(per_group, per_group.shape[:-1] + (shape[-1] // groups,)).reshape(shape)
 
 
-# Where a set's sum of squares overflowed, the exact passes divide its entries
-# by this power of two (see _downscale_for_squares).
-_OVERFLOW_SCALE = 2.0**80
+def _overflow_scale(dtype: Any) -> float:
+    """Where a set's sum of squares overflowed, the exact passes divide its
+    entries by this power of two (see :func:`_downscale_for_squares`): 2^80 for
+    float32, 2^640 for float64 (5/8 of the largest exponent)."""
+    return 2.0 ** (jnp.finfo(dtype).maxexp * 5 // 8)
 
 
 def _downscale_for_squares(sum_squares: Array) -> Array:
@@ -295,14 +297,16 @@ def _downscale_for_squares(sum_squares: Array) -> Array:
     Where the set's sum of squares is finite, its reciprocal square root, at
     most 1: every ``|x|`` is below the scale, so every ``|x - mean| / scale``
     is at most 2.
-    Where it overflowed (then the largest ``|x|`` is above 2^52 for sets of up
-    to 2^24 entries), 1 / _OVERFLOW_SCALE: deviations below 2^129 give squares
-    below 2^98, whose sum overflows only past 2^30 entries. A deviation that
-    underflows there (below 2^17) is negligible next to such a set's variance,
-    or is a multiple of its large entries' spacing (at least 2^29), which
-    does not underflow. Found from the sums the guard has already taken, the
-    scale costs no pass over x, which the largest ``|x|`` did (one kernel
-    less to compile per layer, and one read less on data far from zero).
+    Where it overflowed (then, in float32, the largest ``|x|`` is above 2^52
+    for sets of up to 2^24 entries), 1 / :func:`_overflow_scale`: deviations
+    below 2^129 give squares below 2^98, whose sum overflows only past 2^30
+    entries. A deviation that underflows there (below 2^17) is negligible next
+    to such a set's variance, or is a multiple of its large entries' spacing
+    (at least 2^29), which does not underflow. (float64 alike: 2^640 against
+    deviations up to 2^1025, entries above 2^500.) Found from the sums the
+    guard has already taken, the scale costs no pass over x, which the
+    largest ``|x|`` did (one kernel less to compile per layer, and one read
+    less on data far from zero).
 
     A factor, and :func:`_unscaled` takes the scale from
     :func:`_scale_for_squares`, an expression of its own: with the deviations
@@ -311,8 +315,9 @@ def _downscale_for_squares(sum_squares: Array) -> Array:
     of the squares reads (layer norm 65536x64 float32 fwd+bwd: temp 2.0 ->
     1.75 MB).
     """
+    overflowed = 1 / _overflow_scale(sum_squares.dtype)
     return jnp.where(
-        jnp.isfinite(sum_squares), jnp.minimum(lax.rsqrt(sum_squares), 1), 1 / _OVERFLOW_SCALE
+        jnp.isfinite(sum_squares), jnp.minimum(lax.rsqrt(sum_squares), 1), overflowed
     )
 
 
@@ -321,9 +326,8 @@ def _scale_for_squares(sum_squares: Array) -> Array:
     ``rsqrt``), so that XLA computes each inside the kernel that uses it. The
     two's product is 1 within 1.5 units in the last place (2 million sums of
     squares from 1e-30 to 3e38)."""
-    return jnp.where(
-        jnp.isfinite(sum_squares), jnp.maximum(lax.sqrt(sum_squares), 1), _OVERFLOW_SCALE
-    )
+    overflowed = _overflow_scale(sum_squares.dtype)
+    return jnp.where(jnp.isfinite(sum_squares), jnp.maximum(lax.sqrt(sum_squares), 1), overflowed)
 
 
 def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -419,7 +423,14 @@ def _two_passes(
 
     The deviations are always multiplied by :func:`_downscale_for_squares`
     of the sets' one-pass ``sum_squares`` (1 for data of sum of squares at
-    most 1), so that no square overflows.
+    most 1), so that no square overflows. They are taken as ``x/2 - shift/2``:
+    ``x - shift`` itself overflows for entries of opposite signs near
+    float32's largest, and halving is exact (but for entries below the
+    smallest normal number, negligible in any set whose variance counts).
+    The per-set factors, the 1/2 too, pass the barrier with x (see
+    :func:`_own_conversion`): a scalar 1/2, or factors computed after the
+    barrier, XLA on the CPU broadcast to x's size and wrote out for the
+    YNNPACK reductions.
     """
     mask = sets.mask
     inv_n = 1 / safe_n
@@ -429,23 +440,30 @@ def _two_passes(
         shift = sets.sample(raw, 0).astype(dtype)
         # Deviations / n summed, so that near float32's largest values the sum
         # cannot overflow where the mean does not.
-        x, shift = _own_conversion(raw, dtype, shift)
-        offset = sets.total((x - shift) * inv_n)
-        # The variance pass and the output each get their own shift (see
-        # _distinct_shifts; rows too where x is converted, or XLA writes the
-        # broadcast shift out for both sums); the mean stays shift + offset.
-        square_shift = out_shift = shift
-        square_offset = out_offset = offset
+        half = jnp.full_like(shift, 0.5)  # per set: see the docstring
+        x, (h, half_shift, twice_inv_n) = _own_conversion(raw, dtype, (half, shift / 2, 2 * inv_n))
+        offset = sets.total((x * h - half_shift) * twice_inv_n)
+        # The variance pass gets its own shift (see _distinct_shifts; rows too
+        # where x is converted, or XLA writes the broadcast shift out for both
+        # sums).
+        square_shift, square_offset = shift, offset
         if _distinct_shifts(raw, sets.axes) or raw.dtype != dtype:
             square_shift = sets.sample(raw, 1).astype(dtype)
-            out_shift = sets.sample(raw, 2).astype(dtype)
             square_offset = (shift - square_shift) + offset
-            out_offset = (shift - out_shift) + offset
-        shift, offset = out_shift, out_offset
+        # The output's shift is the mean rounded to dtype, never a sample: x
+        # minus an entry of the opposite sign can overflow where x minus the
+        # mean cannot. (Its own expression, too: see _distinct_shifts.) The
+        # mean stays shift + offset.
+        out_shift = lax.stop_gradient(shift + offset)
+        shift, offset = out_shift, (shift - out_shift) + offset
 
-        def mean_square(x: Array, downscale: Array) -> Array:
-            e = ((x - square_shift) - square_offset) * downscale
+        def mean_square(x: Array, halves: tuple[Array, ...]) -> Array:
+            h, half_shift, half_offset, twice_downscale = halves
+            e = ((x * h - half_shift) - half_offset) * twice_downscale
             return sets.total(lax.square(e)) / safe_n
+
+        def halves(downscale: Array) -> tuple[Array, ...]:
+            return half, square_shift / 2, square_offset / 2, 2 * downscale
 
     else:
         # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
@@ -454,17 +472,21 @@ def _two_passes(
         # (Entries / n summed, as above.)
         x, inv_n = _own_conversion(raw, dtype, inv_n)
         shift = lax.stop_gradient(sets.total(jnp.where(mask, x * inv_n, 0)))
-        x, shift = _own_conversion(raw, dtype, shift)
-        offset = sets.total(jnp.where(mask, (x - shift) * inv_n, 0))
+        half = jnp.full_like(shift, 0.5)
+        x, (h, half_shift, twice_inv_n) = _own_conversion(raw, dtype, (half, shift / 2, 2 * inv_n))
+        offset = sets.total(jnp.where(mask, (x * h - half_shift) * twice_inv_n, 0))
 
-        def mean_square(x: Array, downscale: Array) -> Array:
-            d = jnp.where(mask, (x - shift) * downscale, 0)
+        def mean_square(x: Array, halves: tuple[Array, ...]) -> Array:
+            h, half_shift, twice_downscale = halves
+            d = jnp.where(mask, (x * h - half_shift) * twice_downscale, 0)
             squares = sets.total(lax.square(d)) / safe_n
-            return jnp.maximum(squares - lax.square(offset * downscale), 0)
+            return jnp.maximum(squares - lax.square(offset * (twice_downscale / 2)), 0)
 
-    downscale = _downscale_for_squares(sum_squares)
-    x, downscale = _own_conversion(raw, dtype, downscale)
-    return shift, offset, mean_square(x, downscale)
+        def halves(downscale: Array) -> tuple[Array, ...]:
+            return half, shift / 2, 2 * downscale
+
+    x, per_set = _own_conversion(raw, dtype, halves(_downscale_for_squares(sum_squares)))
+    return shift, offset, mean_square(x, per_set)
 
 
 def _mean_square(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Array]:
@@ -562,9 +584,7 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     place of the mean. The second pass sums the deviations from the shift
     (the offset, Chan, Golub and LeVeque's correction) and their squares, so
     nothing cancels. The first pass sums x scaled by about 1 / n, so that it
-    cannot overflow; the deviations are not scaled, to keep the kernel fast,
-    and their sum could overflow only for sets spanning more than +-1e37,
-    whose variance float32 cannot hold anyway.
+    cannot overflow; the second sums the deviations scaled likewise.
 
     The squares are summed twice, plainly (the sum clipped at float32's
     largest) and downscaled (see _DOWNSCALE), and each sum gives a
@@ -583,7 +603,9 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
         mean = sets.total(x * scale) * (1 / (size * scale))
         shift = lax.stop_gradient(mean.astype(raw.dtype).astype(x.dtype))
         d = x - shift
-        offset = sets.total(d) / n
+        # The deviations summed scaled as x was: a plain sum of deviations near
+        # float32's largest can overflow.
+        offset = sets.total(d * (scale / 2)) * (2 / (size * scale))
     else:
         d = x
         shift = offset = jnp.zeros_like(n)

@@ -453,6 +453,23 @@ def test_float64_statistics_under_x64():
         np.testing.assert_allclose(np.asarray(y), ref.layer_norm(x.T), atol=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1e200, 1e300])
+def test_float64_magnitudes_beyond_float32s_scale_for_squares(magnitude):
+    # float64 squares overflow past 1e154, and past 1e178 even times 2^-80: the
+    # exact passes' downscale must be sized for float64 (float32's 2^-80 left
+    # the sum of squares at inf there: output 0).
+    with jax.enable_x64(True):
+        x = magnitude * _normal(50, (4, 16))
+        x[1] += 3 * magnitude  # far from zero too
+        for op, reference in ((nj.layer_norm, ref.layer_norm), (nj.rms_norm, ref.rms_norm)):
+            y = jax.jit(op)(jnp.asarray(x))
+            chex.assert_type(y, jnp.float64)
+            # (the reference on x / magnitude: its own squares would overflow;
+            # epsilon is negligible at either scale)
+            expected = reference(x / magnitude, epsilon=0.0)
+            np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_vmap_keeps_one_predicate_and_the_exact_path_where_one_example_needs_it():
     # Under jax.vmap the one-pass/two-pass choice is made once for all examples, so
     # the conditional survives (a batched predicate would run both branches). An
@@ -800,6 +817,25 @@ def test_branch_free_statistics_are_exact_where_the_plain_sum_of_squares_overflo
     # layer norm's on the branch-free path, RMS norm's guarded (on the CPU;
     # elsewhere both branch-free)
     assert "conditional" not in _cpu_hlo(lambda x: statistics(x)[0], x)
+
+
+@pytest.mark.parametrize("path", ["default", "guarded", "branch-free"])
+def test_deviations_past_float32s_largest_do_not_overflow(path):
+    # Entries of 0.5 to 1 times bfloat16's largest: the deviations from the mean
+    # sum past float32's largest in some rows. And a row whose sample (entry 0)
+    # is -1.8e38 and another entry +1.8e38: x minus the sample overflows.
+    # (2^21 + 64 entries in rows of 64: the CPU's branch-free path by default.)
+    x = np.random.default_rng(51).uniform(0.5, 1, (32769, 64)) * 3.38e38
+    x[0] = 0.0
+    x[0, 0], x[0, 5] = -1.8e38, 1.8e38
+    x = jnp.asarray(x, jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    for values in (x, x.astype(jnp.float32)[:512]):  # the guarded path in float32
+        stats, ms = jax.jit(_statistics_by_path(path, (1,)))(values)
+        _assert_exact_statistics(stats, ms, x64[: values.shape[0]])
+    if path == "default":
+        y = jax.jit(nj.layer_norm)(x)
+        _within_resolution(y, ref.layer_norm(x64), jnp.bfloat16)
 
 
 def test_branch_free_output_mean_is_zero_to_float32():
