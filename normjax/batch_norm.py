@@ -308,13 +308,20 @@ def batch_renorm(
     safe_inv = jnp.where(correct, batch.inv_std, 1)
     # sigma_B / sigma = inv_std_running / inv_std_batch.
     r = jnp.where(correct, jnp.clip(running.inv_std / safe_inv, 1 / r_max, r_max), 1)
-    shift = (batch.mean - running.mean) * running.inv_std
+    # mu_B - mu from the batch's shift and offset, not from mu_B rounded to
+    # float32: on data far from zero that rounding is large next to sigma.
+    shift = ((batch.shift - running.mean) + batch.offset) * running.inv_std
     d = jnp.where(correct, jnp.clip(shift, -d_max, d_max), 0)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
-    # (x - mu_B) * inv_B * r + d  ==  (x - (mu_B - d / (inv_B * r))) * (inv_B * r).
-    inv_std = batch.inv_std * r
-    corrected = batch._replace(offset=batch.offset - d / (safe_inv * r), inv_std=inv_std)
-    y = _stats.normalize(p.x, corrected, scale, bias, p.feature_axes, out_dtype)
+    # ((x - mu_B) * inv_B * r + d) * scale + bias: d joins the bias. Moved into
+    # the mean instead (x - (mu_B - d / (inv_B * r))), it overflows for x near
+    # float32's largest where x - mu_B does not.
+    d = jnp.reshape(d, p.feature_shape)
+    shifted_bias = d if scale is None else d * scale.astype(d.dtype)
+    if bias is not None:
+        shifted_bias = shifted_bias + bias.astype(d.dtype)
+    corrected = batch._replace(inv_std=batch.inv_std * r)
+    y = _stats.normalize(p.x, corrected, scale, shifted_bias, p.feature_axes, out_dtype)
     new_state = _update_state(
         state, batch, p.feature_shape, momentum=momentum, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,

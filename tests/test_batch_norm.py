@@ -348,6 +348,31 @@ def test_renorm_matches_ioffe_2017(running_mean, running_var, r_max, d_max):
            rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_renorm_keeps_the_precision_of_data_far_from_zero(masked):
+    # mu_B - mu is 0.3 sigma here; from mu_B rounded to float32 (1e4 to 2^-10)
+    # d, and every output, would be off by up to 3e-4.
+    state = _state([1e4 + 0.3] * 4, [1.0] * 4, 5)
+    x = _normal(47, (64, 4), loc=1e4)
+    mask = np.random.default_rng(48).random((64, 1)) < 0.8 if masked else None
+    y, _ = nj.batch_renorm(x, state, training=True, mask=mask)
+    expected = ref.batch_renorm_train(x, state.mean, state.var, r_max=3.0, d_max=5.0, mask=mask)
+    counted = np.ones(64, bool) if mask is None else mask[:, 0]
+    _close(np.asarray(y)[counted], expected[counted], rtol=0, atol=2e-6)
+
+
+def test_renorm_of_an_entry_near_float32s_largest_is_finite():
+    # (x - mu_B) / sigma_B * r + d: with d moved into the mean instead,
+    # x - (mu_B - d sigma_B / r) overflows for x = 3e38 (r = 3, d = 5 here).
+    state = _state([0.0], [1.0], 1)
+    x = _normal(49, (16, 1))
+    x[4, 0] = 3e38
+    scale, bias = np.array([0.5], np.float32), np.array([2.0], np.float32)
+    y, _ = nj.batch_renorm(x, state, scale, bias, training=True)
+    _close(y, ref.batch_renorm_train(x, state.mean, state.var, scale, bias, r_max=3.0,
+                                     d_max=5.0), rtol=1e-5, atol=1e-5)
+
+
 def test_renorm_masked_statistics_ignore_nan():
     state = _state([0.5, 0.5, 0.5], [2.0, 2.0, 2.0], 2)
     x = _normal(46, (6, 3))
