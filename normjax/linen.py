@@ -118,6 +118,16 @@ def _scale_and_bias(
     return scale, bias
 
 
+def _as_flax_takes_them(x: Array, mask: Array | None) -> tuple[Array, Array | None]:
+    """``x`` and ``mask`` as ``flax.linen`` takes them: an integer or boolean x
+    as floating (float32 for int32), and any mask as booleans (nonzero:
+    counted). The core itself takes floating x and boolean masks only."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x, None if mask is None else jnp.asarray(mask, bool)
+
+
 def _output_dtype(x: Array, scale: Array | None, bias: Array | None, dtype: Dtype | None) -> Any:
     """Flax's output-dtype rule: ``dtype`` if given, else the promotion of x and the params."""
     return canonicalize_dtype(x, scale, bias, dtype=dtype)
@@ -133,6 +143,11 @@ def _merge_use_running_average(module: Any, attribute: bool | None, argument: bo
 
 # ----------------------------------------------------------------------------
 # Batch normalization: modules with running statistics.
+
+# The count given to stored statistics that have none (a flax.linen.BatchNorm
+# checkpoint's): large enough that momentum^count is 0 for any momentum up to
+# 1 - 1e-7, so that the debiased average weighs each batch 1 - momentum.
+_COUNTLESS_COUNT = 2**30
 
 
 class BatchNorm(nn.Module):
@@ -212,8 +227,8 @@ class BatchNorm(nn.Module):
           x: the input.
           use_running_average: overrides the attribute of the same name; one
             of the two must be set.
-          mask: optional boolean array broadcastable to ``x``: the statistics
-            are computed over its True entries only.
+          mask: optional array broadcastable to ``x``: the statistics are
+            computed over its nonzero (True) entries only, as in Flax.
 
         Returns:
           The normalized ``x``, of ``x``'s shape.
@@ -226,7 +241,7 @@ class BatchNorm(nn.Module):
         use_running_average = _merge_use_running_average(
             self, self.use_running_average, use_running_average
         )
-        x = jnp.asarray(x)
+        x, mask = _as_flax_takes_them(x, mask)
         with _errors_name(self):
             feature_axes = _stats.canonicalize_axes(self.axis, x.ndim, "axis")
         feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -238,9 +253,18 @@ class BatchNorm(nn.Module):
         )
 
         initial = nj.batch_norm_state(feature_shape)
+        # Statistics stored without a count (flax.linen.BatchNorm's) count as
+        # long warmed up: each batch then weighs 1 - momentum, as in Flax. A
+        # count of 0 would make the next batch's statistics replace them.
+        countless = self.has_variable("batch_stats", "mean") and not self.has_variable(
+            "batch_stats", "count"
+        )
+        initial_count = jnp.asarray(_COUNTLESS_COUNT, jnp.int32) if countless else initial.count
         mean = self.variable("batch_stats", "mean", lambda: initial.mean)
         var = self.variable("batch_stats", "var", lambda: initial.var)
-        count = self.variable("batch_stats", "count", lambda: initial.count)
+        count = None
+        if not countless or self.is_mutable_collection("batch_stats"):
+            count = self.variable("batch_stats", "count", lambda: initial_count)
         scale, bias = _scale_and_bias(
             self,
             feature_shape,
@@ -250,7 +274,8 @@ class BatchNorm(nn.Module):
             bias_init=self.bias_init,
             param_dtype=self.param_dtype,
         )
-        state = nj.BatchNormState(mean.value, var.value, count.value)
+        count_value = initial_count if count is None else count.value
+        state = nj.BatchNormState(mean.value, var.value, count_value)
         initializing = self.is_initializing()
         training = not use_running_average
         if initializing and training and math.prod(x.shape) == math.prod(feature_shape):
@@ -271,7 +296,9 @@ class BatchNorm(nn.Module):
                 dtype=_output_dtype(x, scale, bias, self.dtype),
             )
         if training and not initializing:
-            mean.value, var.value, count.value = new_state
+            mean.value, var.value = new_state.mean, new_state.var
+            if count is not None:
+                count.value = new_state.count
         return y
 
     def _core(
@@ -371,8 +398,8 @@ class LayerNorm(nn.Module):
 
         Args:
           x: the input.
-          mask: optional boolean array broadcastable to ``x``: statistics over
-            its True entries only.
+          mask: optional array broadcastable to ``x``: statistics over its
+            nonzero (True) entries only, as in Flax.
 
         Returns:
           The normalized ``x``.
@@ -381,7 +408,7 @@ class LayerNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x = jnp.asarray(x)
+        x, mask = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, self.feature_axes, "feature_axes")
         with _errors_name(self):
             return nj.layer_norm(
@@ -438,7 +465,8 @@ class RMSNorm(nn.Module):
 
         Args:
           x: the input.
-          mask: optional boolean array broadcastable to ``x``.
+          mask: optional array broadcastable to ``x``: statistics over its
+            nonzero (True) entries only, as in Flax.
 
         Returns:
           The normalized ``x``.
@@ -447,7 +475,7 @@ class RMSNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x = jnp.asarray(x)
+        x, mask = _as_flax_takes_them(x, mask)
         scale, _ = _per_sample_params(self, x, self.feature_axes, "feature_axes", use_bias=False)
         with _errors_name(self):
             return nj.rms_norm(
@@ -512,7 +540,8 @@ class GroupNorm(nn.Module):
 
         Args:
           x: the input, channels last.
-          mask: optional boolean array broadcastable to ``x``.
+          mask: optional array broadcastable to ``x``: statistics over its
+            nonzero (True) entries only, as in Flax.
 
         Returns:
           The normalized ``x``.
@@ -522,7 +551,7 @@ class GroupNorm(nn.Module):
             core rejects an argument (e.g. ``num_groups`` not dividing the
             channels); the message names the module.
         """
-        x = jnp.asarray(x)
+        x, mask = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, -1, "the last (channel) axis")
         with _errors_name(self):
             return nj.group_norm(
@@ -585,7 +614,8 @@ class InstanceNorm(nn.Module):
 
         Args:
           x: the input, batch first.
-          mask: optional boolean array broadcastable to ``x``.
+          mask: optional array broadcastable to ``x``: statistics over its
+            nonzero (True) entries only, as in Flax.
 
         Returns:
           The normalized ``x``.
@@ -594,7 +624,7 @@ class InstanceNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x = jnp.asarray(x)
+        x, mask = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, self.feature_axes, "feature_axes")
         with _errors_name(self):
             return nj.instance_norm(

@@ -217,6 +217,62 @@ def test_mask_restricts_the_statistics_like_flax():
     chex.assert_trees_all_close(_strip_counts(results), flax_results, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("mask_dtype", [jnp.int32, jnp.float32])
+def test_non_boolean_masks_count_their_nonzero_entries_like_flax(mask_dtype):
+    # flax.linen takes any mask as booleans; so must a drop-in replacement.
+    x = jax.random.normal(KEY(0), (6, 5, 4))
+    mask = np.random.default_rng(1).random(x.shape) < 0.5
+    mask[:, :2, :] = True
+    mask[:, :, :2] = True
+    for name, kw in [("LayerNorm", {}), ("RMSNorm", {}), ("GroupNorm", {"num_groups": 2}),
+                     ("InstanceNorm", {})]:
+        ours, theirs = getattr(njl, name)(**kw), getattr(nn, name)(**kw, use_fast_variance=False)
+        variables = _initial_variables(ours, x, 0)
+        chex.assert_trees_all_close(ours.apply(variables, x, mask=jnp.asarray(mask, mask_dtype)),
+                                    theirs.apply(variables, x, mask=mask), atol=2e-5, rtol=2e-5)
+
+
+def test_integer_input_is_normalized_as_flax_does():
+    x = jnp.arange(72, dtype=jnp.int32).reshape(4, 3, 6) ** 2
+    for ours, theirs in PAIRS:
+        kwargs = {"num_groups": 3} if ours is njl.GroupNorm else {}
+        if ours is njl.BatchNorm:
+            kwargs = {"use_running_average": True}
+        # (Flax's own variables: a batch norm's have no count, which ours takes)
+        variables = theirs(**kwargs).init(KEY(4), x.astype(jnp.float32))
+        y = ours(**kwargs).apply(variables, x)
+        expected = theirs(**kwargs, use_fast_variance=False).apply(variables, x)
+        assert y.dtype == expected.dtype == jnp.float32
+        chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flax_batch_stats_without_a_count_go_on_as_flax_would():
+    # A flax.linen.BatchNorm checkpoint has no batch_stats/count. Evaluation
+    # reads its statistics; training goes on weighing each batch 1 - momentum,
+    # as Flax does: a count of 0 would make the next batch replace them.
+    x = jax.random.normal(KEY(2), (16, 6))
+    flax_bn = nn.BatchNorm(momentum=0.9)
+    variables = flax_bn.init(KEY(3), x, use_running_average=False)
+    for step in range(5):
+        _, stats = flax_bn.apply(variables, x + step, use_running_average=False,
+                                 mutable=["batch_stats"])
+        variables = {**variables, **stats}
+    ours = njl.BatchNorm(momentum=0.9)
+    chex.assert_trees_all_close(ours.apply(variables, x, use_running_average=True),
+                                flax_bn.apply(variables, x, use_running_average=True),
+                                atol=1e-5, rtol=1e-5)
+    y, ours_stats = ours.apply(variables, x + 10, use_running_average=False,
+                               mutable=["batch_stats"])
+    expected, flax_stats = flax_bn.apply(variables, x + 10, use_running_average=False,
+                                         mutable=["batch_stats"])
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+    ours_stats = dict(ours_stats["batch_stats"])
+    count = ours_stats.pop("count")
+    chex.assert_trees_all_close(ours_stats, flax_stats["batch_stats"], atol=1e-5, rtol=1e-5)
+    # ... and carries a count from then on, which keeps it so
+    assert int(count) > 2**20
+
+
 def test_output_dtype_follows_flax():
     x = jax.ShapeDtypeStruct((4, 3, 6), jnp.bfloat16)
     for ours, theirs in PAIRS:
