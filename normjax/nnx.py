@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
@@ -150,7 +151,7 @@ class BatchNorm(nnx.Module):
         statistics across.
       axis_index_groups: groups of indices on ``axis_name``, as ``lax.psum``.
       use_fast_variance: accepted for compatibility with Flax and ignored.
-      promote_dtype: Flax NNX's dtype promotion of ``(x, scale, bias)``.
+      promote_dtype: Flax NNX's dtype promotion of ``(x, mean, var, scale, bias)``.
       rngs: the random keys for the initializers.
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
@@ -256,10 +257,14 @@ class BatchNorm(nnx.Module):
         )
         x = jnp.asarray(x)
         found = _feature_shape_of(self, x, self.axis, "axis")
-        x, scale, bias = _promote(self, x, _read(self.scale, found), _read(self.bias, found))
-        state = nj.BatchNormState(
-            jnp.reshape(self.mean[...], found), jnp.reshape(self.var[...], found), self.count[...]
+        mean, var = jnp.reshape(self.mean[...], found), jnp.reshape(self.var[...], found)
+        # Flax NNX's promotion takes the running statistics too (a bfloat16 x
+        # with float32 statistics and no dtype gives float32, as in Flax); the
+        # state itself keeps its stored precision.
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, mean, var, _read(self.scale, found), _read(self.bias, found)), dtype=self.dtype
         )
+        state = nj.BatchNormState(mean, var, self.count[...])
         training = not use_running_average
         with _errors_name(self):
             y, new_state = self._core(x, state, scale, bias, training=training, mask=mask)
@@ -634,8 +639,25 @@ class GroupNorm(_PerSampleNorm):
             use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
             bias_metadata=bias_metadata, scale_metadata=scale_metadata,
         )  # fmt: skip
-        self.num_groups = num_groups
-        self.group_size = group_size
+        # As Flax NNX: both resolved here, and a bad pair is an error here.
+        if (num_groups is None) == (group_size is None):
+            raise ValueError(
+                f"{_describe(self)}: give exactly one of `num_groups` and `group_size` (for "
+                "`group_size`, pass `num_groups=None` too); got "
+                f"num_groups={num_groups!r}, group_size={group_size!r}."
+            )
+        given, value = ("num_groups", num_groups)
+        if num_groups is None:
+            given, value = ("group_size", group_size)
+        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not (whole and value > 0 and num_features % value == 0):
+            raise ValueError(
+                f"{_describe(self)}: `{given}`={value!r} must be a positive int dividing "
+                f"num_features={num_features}."
+            )
+        self.num_groups = num_groups if num_groups is not None else num_features // value
+        self.group_size = num_features // self.num_groups
+        self.feature_axis = -1
         self.reduction_axes = reduction_axes
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
@@ -660,7 +682,6 @@ class GroupNorm(_PerSampleNorm):
                 scale,
                 bias,
                 num_groups=self.num_groups,
-                group_size=self.group_size,
                 reduction_axes=self.reduction_axes,
                 epsilon=self.epsilon,
                 mask=mask,

@@ -98,6 +98,40 @@ def test_variables_are_flax_names_plus_count(cls):
     assert ours.count[...].dtype == jnp.int32 and ours.count[...].shape == ()
 
 
+def test_batch_norm_promotes_x_with_the_running_statistics_as_flax_nnx_does():
+    # Flax NNX calls promote_dtype on (x, mean, var, scale, bias): a custom one
+    # written to that contract works, and a bfloat16 x with float32 statistics
+    # gives float32 (with bfloat16 parameters or none, too).
+    seen = []
+
+    def promote(arrays, dtype=None):
+        seen.append(len(arrays))
+        return flax.nnx.nn.dtypes.promote_dtype(arrays, dtype=dtype)
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 6)), jnp.bfloat16)
+    for extra in ({}, {"param_dtype": jnp.bfloat16}, {"use_scale": False, "use_bias": False},
+                  {"dtype": jnp.bfloat16}):
+        ours = njx.BatchNorm(6, use_running_average=False, promote_dtype=promote,
+                             rngs=_rngs(), **extra)
+        theirs = nnx.BatchNorm(6, use_running_average=False, rngs=_rngs(), **extra)
+        y, expected = ours(x), theirs(x)
+        assert y.dtype == expected.dtype, (extra, y.dtype, expected.dtype)
+        chex.assert_trees_all_close(y.astype(jnp.float32), expected.astype(jnp.float32),
+                                    atol=2e-2, rtol=2e-2)
+    assert set(seen) == {5}
+
+
+def test_group_norm_resolves_and_checks_its_groups_when_built_as_flax_nnx_does():
+    for kw in ({"num_groups": 3}, {"num_groups": None, "group_size": 2}):
+        ours, theirs = njx.GroupNorm(6, rngs=_rngs(), **kw), nnx.GroupNorm(6, rngs=_rngs(), **kw)
+        assert (ours.num_groups, ours.group_size, ours.feature_axis) == (
+            theirs.num_groups, theirs.group_size, theirs.feature_axis)
+    for kw in ({"num_groups": 4}, {"num_groups": None}, {"num_groups": 3, "group_size": 2},
+               {"num_groups": None, "group_size": 4}, {"num_groups": True}):
+        with pytest.raises(ValueError, match="normjax.nnx.GroupNorm: .*(num_groups|group_size)"):
+            njx.GroupNorm(6, rngs=_rngs(), **kw)
+
+
 def test_train_and_eval_switch_batch_norm_like_flax():
     class Block(nnx.Module):
         def __init__(self, rngs):
