@@ -423,14 +423,7 @@ def _two_passes(
 
     The deviations are always multiplied by :func:`_downscale_for_squares`
     of the sets' one-pass ``sum_squares`` (1 for data of sum of squares at
-    most 1), so that no square overflows. They are taken as ``x/2 - shift/2``:
-    ``x - shift`` itself overflows for entries of opposite signs near
-    float32's largest, and halving is exact (but for entries below the
-    smallest normal number, negligible in any set whose variance counts).
-    The per-set factors, the 1/2 too, pass the barrier with x (see
-    :func:`_own_conversion`): a scalar 1/2, or factors computed after the
-    barrier, XLA on the CPU broadcast to x's size and wrote out for the
-    YNNPACK reductions.
+    most 1), so that no square overflows.
     """
     mask = sets.mask
     inv_n = 1 / safe_n
@@ -438,32 +431,25 @@ def _two_passes(
         # One sample of the data as the shift: a constant set is then exactly
         # constant (offset 0, variance 0).
         shift = sets.sample(raw, 0).astype(dtype)
-        # Deviations / n summed, so that near float32's largest values the sum
-        # cannot overflow where the mean does not.
-        half = jnp.full_like(shift, 0.5)  # per set: see the docstring
-        x, (h, half_shift, twice_inv_n) = _own_conversion(raw, dtype, (half, shift / 2, 2 * inv_n))
-        offset = sets.total((x * h - half_shift) * twice_inv_n)
-        # The variance pass gets its own shift (see _distinct_shifts; rows too
-        # where x is converted, or XLA writes the broadcast shift out for both
-        # sums).
-        square_shift, square_offset = shift, offset
-        if _distinct_shifts(raw, sets.axes) or raw.dtype != dtype:
-            square_shift = sets.sample(raw, 1).astype(dtype)
-            square_offset = (shift - square_shift) + offset
-        # The output's shift is the mean rounded to dtype, never a sample: x
-        # minus an entry of the opposite sign can overflow where x minus the
-        # mean cannot. (Its own expression, too: see _distinct_shifts.) The
-        # mean stays shift + offset.
-        out_shift = lax.stop_gradient(shift + offset)
-        shift, offset = out_shift, (shift - out_shift) + offset
+        # The deviations from it summed as x p - shift p, p a power of two at
+        # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor the
+        # sum can overflow, where x - shift can (entries of opposite signs near
+        # float32's largest). p per set, through the barrier: as a scalar, XLA
+        # on the CPU broadcast it to x's size and wrote that out for the
+        # YNNPACK reduction.
+        p = 2.0 ** -(math.ceil(math.log2(max(sets.size(raw.shape), 1))) + 1)
+        x, (shift, per_set_p) = _own_conversion(raw, dtype, (shift, jnp.full_like(shift, p)))
+        offset = sets.total(x * per_set_p - shift * per_set_p) * (inv_n / p)
+        # The squares and the output subtract the mean rounded to dtype (and
+        # then what is left of it), not the sample: x minus the mean cannot
+        # overflow. An expression of its own, too, where the sample shift was
+        # shared with the first sum (see _distinct_shifts).
+        mean = lax.stop_gradient(shift + offset)
+        shift, offset = mean, (shift - mean) + offset
 
-        def mean_square(x: Array, halves: tuple[Array, ...]) -> Array:
-            h, half_shift, half_offset, twice_downscale = halves
-            e = ((x * h - half_shift) - half_offset) * twice_downscale
+        def mean_square(x: Array, downscale: Array) -> Array:
+            e = ((x - shift) - offset) * downscale
             return sets.total(lax.square(e)) / safe_n
-
-        def halves(downscale: Array) -> tuple[Array, ...]:
-            return half, square_shift / 2, square_offset / 2, 2 * downscale
 
     else:
         # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
@@ -472,21 +458,17 @@ def _two_passes(
         # (Entries / n summed, as above.)
         x, inv_n = _own_conversion(raw, dtype, inv_n)
         shift = lax.stop_gradient(sets.total(jnp.where(mask, x * inv_n, 0)))
-        half = jnp.full_like(shift, 0.5)
-        x, (h, half_shift, twice_inv_n) = _own_conversion(raw, dtype, (half, shift / 2, 2 * inv_n))
-        offset = sets.total(jnp.where(mask, (x * h - half_shift) * twice_inv_n, 0))
+        x, shift = _own_conversion(raw, dtype, shift)
+        offset = sets.total(jnp.where(mask, (x - shift) * inv_n, 0))
 
-        def mean_square(x: Array, halves: tuple[Array, ...]) -> Array:
-            h, half_shift, twice_downscale = halves
-            d = jnp.where(mask, (x * h - half_shift) * twice_downscale, 0)
+        def mean_square(x: Array, downscale: Array) -> Array:
+            d = jnp.where(mask, (x - shift) * downscale, 0)
             squares = sets.total(lax.square(d)) / safe_n
-            return jnp.maximum(squares - lax.square(offset * (twice_downscale / 2)), 0)
+            return jnp.maximum(squares - lax.square(offset * downscale), 0)
 
-        def halves(downscale: Array) -> tuple[Array, ...]:
-            return half, shift / 2, 2 * downscale
-
-    x, per_set = _own_conversion(raw, dtype, halves(_downscale_for_squares(sum_squares)))
-    return shift, offset, mean_square(x, per_set)
+    downscale = _downscale_for_squares(sum_squares)
+    x, downscale = _own_conversion(raw, dtype, downscale)
+    return shift, offset, mean_square(x, downscale)
 
 
 def _mean_square(raw: Array, sets: _Sets, epsilon: float) -> tuple[Array, Array, Array]:
