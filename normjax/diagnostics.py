@@ -257,7 +257,16 @@ def activation_stats(
         if isinstance(mutable, str):
             mutable = [mutable]
         mutable = [*(mutable or []), "intermediates"]
-    capture = _capture_filter(layers)
+    wanted = _capture_filter(layers)
+    # The (module path, method) of every call captured, so that what the model
+    # sows into "intermediates" itself is not taken for a layer's output.
+    captured_calls: set[tuple[str, ...]] = set()
+
+    def capture(mdl: nn.Module, method_name: str) -> bool:
+        if not wanted(mdl, method_name):
+            return False
+        captured_calls.add((*(str(name) for name in mdl.scope.path), method_name))
+        return True
 
     # One compiled program for the forward pass and every statistic: applying a
     # deep model op by op (eagerly) costs far more in dispatch than it computes.
@@ -270,8 +279,9 @@ def activation_stats(
         intermediates = state.get("intermediates", {})
         for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
             # Flax stores each call's output under <module path>/<method>/<call index>.
-            layer = tuple(_path_names(path)[:-2])
-            captured.setdefault(layer, []).append(jnp.ravel(leaf))
+            names = tuple(_path_names(path))
+            if names[:-1] in captured_calls:
+                captured.setdefault(names[:-2], []).append(jnp.ravel(leaf))
         stats = {}
         for layer, outputs in captured.items():
             y = function(jnp.concatenate(outputs).astype(jnp.float32))

@@ -28,6 +28,13 @@ Differences from Flax, all deliberate:
 * The output dtype follows Flax (``dtype``, else the promotion of ``x`` and
   the parameters), so a bfloat16 input with float32 parameters gives float32
   as ``flax.linen`` does.
+* ``batch_stats`` without a ``count`` (a ``flax.linen.BatchNorm``'s) count as
+  long warmed up: training goes on weighing each batch ``1 - momentum``.
+* Masks of any dtype count their nonzero entries and integer inputs are
+  normalized as floats, as in ``flax.linen``; the functional core itself takes
+  boolean masks and floating inputs only.
+* Clear errors where Flax returns something: one value per feature in
+  training, ``epsilon <= 0``, ``momentum`` outside [0, 1), complex inputs.
 """
 
 from __future__ import annotations

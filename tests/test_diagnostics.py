@@ -294,6 +294,26 @@ def test_activation_stats_captures_norm_layers_and_passes_apply_kwargs():
     )
 
 
+def test_activation_stats_leaves_out_what_the_model_sows_itself():
+    # A model's own sow("intermediates", ...) lands in the same collection as
+    # the captured outputs; it is not a layer.
+    class Sowing(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4, kernel_init=nn.initializers.ones)(x)
+            self.sow("intermediates", "h", h * 100)
+            return nn.Dense(2)(nn.relu(h))
+
+    model, x = Sowing(), jnp.arange(15.0).reshape(3, 5) / 10
+    variables = model.init(jax.random.key(0), x)
+    stats = diagnostics.activation_stats(model, variables, x, activation="relu")
+    assert list(stats) == ["Dense_0", "Dense_1"]
+    first = np.maximum(np.asarray(x, np.float64).sum(1, keepdims=True) * np.ones(4), 0)
+    np.testing.assert_allclose(stats["Dense_0"].mean, first.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="matched no layer"):
+        diagnostics.activation_stats(model, variables, x, activation="relu", layers=nn.Conv)
+
+
 def test_activation_stats_bad_input_gives_clear_errors():
     params = _diagonal_params([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
     x = jnp.ones((1, 3))
