@@ -25,13 +25,27 @@ can solve the task, shows what layer norm and clipping do to learning. For each
 cell and configuration it reports the global gradient norm over training (before
 clipping: its median, 99th percentile and maximum, and the number of steps
 where it exceeded the clipping threshold), the final training and test loss,
-the test accuracy and the median milliseconds per step. Outputs in ``--out``
-(default ``out/rnn_layernorm``): ``results.json``, ``results.csv`` and
-``rnn_layernorm.png`` (per cell: the gradient norm at every step, log scale,
-and the test loss over training, one line per configuration).
+the test accuracy and the median milliseconds per step.
+
+Training a recurrent network near the edge of explosion is chaotic: a
+different seed, or a change in rounding, can turn one run's result around. So
+every configuration trains from ``--seeds`` seeds (default 3: ``--seed``,
+``--seed + 1``, ...; each seed sets the initialization, the training batches and
+the test set, and every configuration sees the same ones), and the table shows
+the median over the seeds of each statistic, with the range ``[min-max]`` over
+the seeds of the largest gradient norm and of the test MSE. One compilation per
+configuration serves all its seeds.
+
+Outputs in ``--out`` (default ``out/rnn_layernorm``): ``results.json`` (the
+median rows, every seed's row and every seed's curves), ``results.csv`` (the
+median rows), ``results_per_seed.csv`` and ``rnn_layernorm.png`` (per cell: the
+gradient norm at every step, log scale, of the seed with the median test MSE,
+and the test loss over training of every seed, the median seed's bold; one
+color per configuration).
 
 Run ``python examples/rnn_layernorm.py`` (a few minutes on 2 CPU cores; ``--cells rnn``
-for the explosions alone, about a minute).
+for the explosions alone, about a minute; ``--seeds 1`` for a single run per
+configuration).
 
 References:
   Hochreiter & Schmidhuber, "Long Short-Term Memory", Neural Computation 1997
@@ -83,13 +97,26 @@ CONFIGS: dict[str, Config] = {
     "ln_clip": Config("LN, clip", layer_norm=True, clip=True),
 }
 
+#: The printed table's columns; ``[min-max]``: the median and the range over the seeds.
 TABLE_COLUMNS = (
     "cell",
     "config",
     "grad_norm_median",
     "grad_norm_p99",
+    "grad_norm_max [min-max]",
+    "steps_above_clip",
+    "final_train_loss",
+    "test_mse [min-max]",
+    "test_accuracy",
+    "ms_per_step",
+)
+#: The per-run statistics whose median over the seeds forms a configuration's row.
+RUN_STATISTICS = (
+    "grad_norm_median",
+    "grad_norm_p99",
     "grad_norm_max",
     "steps_above_clip",
+    "nonfinite_steps",
     "final_train_loss",
     "test_mse",
     "test_accuracy",
@@ -211,8 +238,9 @@ class Regressor(nn.Module):
 
 
 class RunResult(NamedTuple):
-    """The measurements of one configuration."""
+    """The measurements of one configuration trained from one seed."""
 
+    seed: int
     row: dict[str, Any]
     grad_norms: np.ndarray
     train_losses: np.ndarray
@@ -234,76 +262,126 @@ def make_optimizer(name: str, learning_rate: float, clip_norm: float | None) -> 
 
 
 def run_config(
-    cell: str, config: Config, args: argparse.Namespace, *, position: int = 0
-) -> RunResult:
-    """Trains one cell under one configuration and measures gradient norms, losses and speed."""
+    cell: str, config: Config, args: argparse.Namespace, seeds: Sequence[int], *, position: int = 0
+) -> list[RunResult]:
+    """Trains one cell under one configuration from each seed: gradient norms, losses, speed.
+
+    The keys and the test set are arguments of the jit-compiled functions, so
+    all the seeds share one compilation.
+    """
     model = Regressor(cell=cell, hidden=args.hidden, layer_norm=config.layer_norm)
-    root = jax.random.key(args.seed)
-    init_key, data_key, test_key = jax.random.split(root, 3)
-    # Compiled: Flax's eager init would compile each small operation on its own.
-    params = jax.jit(model.init)(init_key, jnp.zeros((1, args.seq_len, 2)))["params"]
     optimizer = make_optimizer(
         args.optimizer, args.learning_rate, args.clip_norm if config.clip else None
     )
-    opt_state = optimizer.init(params)
+    # Compiled: Flax's eager init would compile each small operation on its own.
+    init = jax.jit(model.init)
+    make_test_set = jax.jit(adding_problem, static_argnums=(1, 2))
 
     def loss_fn(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
 
     @jax.jit
     def train_step(
-        params: Any, opt_state: Any, step: jax.Array
+        params: Any, opt_state: Any, data_key: jax.Array, step: jax.Array
     ) -> tuple[Any, Any, jax.Array, jax.Array]:
-        # Every configuration sees the same batches: the key depends on the step only.
+        # Every configuration sees the same batches: the key depends on the seed and step only.
         x, y = adding_problem(jax.random.fold_in(data_key, step), args.batch_size, args.seq_len)
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
-    x_test, y_test = adding_problem(test_key, args.test_size, args.seq_len)
-
     @jax.jit
-    def evaluate(params: Any) -> tuple[jax.Array, jax.Array]:
+    def evaluate(params: Any, x_test: jax.Array, y_test: jax.Array) -> tuple[jax.Array, jax.Array]:
         error = model.apply({"params": params}, x_test) - y_test
         return jnp.mean(error**2), jnp.mean(jnp.abs(error) < CORRECT_ABS_ERROR)
 
-    losses, norms = [], []
-    eval_steps, test_losses = [], []
-    for step in tqdm(
-        range(args.steps), desc=f"{cell}, {config.label}", leave=False, position=position,
-        mininterval=1.0,
-    ):  # fmt: skip
-        params, opt_state, loss, norm = train_step(params, opt_state, jnp.int32(step))
-        losses.append(loss)
-        norms.append(norm)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            eval_steps.append(step + 1)
-            test_losses.append(float(evaluate(params)[0]))
-    test_mse, test_accuracy = (float(v) for v in evaluate(params))
-    ms_per_step = _common.median_step_ms(
-        train_step, params, opt_state, jnp.int32(0), repeats=args.timing_repeats
-    )
-    norms_np = np.asarray(jax.device_get(norms), dtype=np.float64)
-    losses_np = np.asarray(jax.device_get(losses), dtype=np.float64)
-    tail = max(1, len(losses_np) // 10)
-    finite = norms_np[np.isfinite(norms_np)]
-    if finite.size == 0:
-        finite = np.array([np.nan])
-    row = {
-        "cell": cell,
-        "config": config.label,
-        "grad_norm_median": float(np.median(finite)),
-        "grad_norm_p99": float(np.percentile(finite, 99)),
-        "grad_norm_max": float(np.max(finite)),
-        "steps_above_clip": int(np.sum(norms_np > args.clip_norm)),
-        "nonfinite_steps": int(np.sum(~np.isfinite(norms_np))),
-        # The mean of the last tenth of the steps: a single batch is noisy.
-        "final_train_loss": float(np.mean(losses_np[-tail:])),
-        "test_mse": test_mse,
-        "test_accuracy": test_accuracy,
-        "ms_per_step": ms_per_step,
-    }
-    return RunResult(row, norms_np, losses_np, eval_steps, test_losses)
+    results = []
+    for seed in seeds:
+        init_key, data_key, test_key = jax.random.split(jax.random.key(seed), 3)
+        params = init(init_key, jnp.zeros((1, args.seq_len, 2)))["params"]
+        opt_state = optimizer.init(params)
+        x_test, y_test = make_test_set(test_key, args.test_size, args.seq_len)
+        losses, norms = [], []
+        eval_steps, test_losses = [], []
+        for step in tqdm(
+            range(args.steps), desc=f"{cell}, {config.label}, seed {seed}", leave=False,
+            position=position, mininterval=1.0,
+        ):  # fmt: skip
+            params, opt_state, loss, norm = train_step(params, opt_state, data_key, jnp.int32(step))
+            losses.append(loss)
+            norms.append(norm)
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                eval_steps.append(step + 1)
+                test_losses.append(float(evaluate(params, x_test, y_test)[0]))
+        test_mse, test_accuracy = (float(v) for v in evaluate(params, x_test, y_test))
+        ms_per_step = _common.median_step_ms(
+            train_step, params, opt_state, data_key, jnp.int32(0), repeats=args.timing_repeats
+        )
+        norms_np = np.asarray(jax.device_get(norms), dtype=np.float64)
+        losses_np = np.asarray(jax.device_get(losses), dtype=np.float64)
+        tail = max(1, len(losses_np) // 10)
+        finite = norms_np[np.isfinite(norms_np)]
+        if finite.size == 0:
+            finite = np.array([np.nan])
+        row = {
+            "cell": cell,
+            "config": config.label,
+            "seed": seed,
+            "grad_norm_median": float(np.median(finite)),
+            "grad_norm_p99": float(np.percentile(finite, 99)),
+            "grad_norm_max": float(np.max(finite)),
+            "steps_above_clip": int(np.sum(norms_np > args.clip_norm)),
+            "nonfinite_steps": int(np.sum(~np.isfinite(norms_np))),
+            # The mean of the last tenth of the steps: a single batch is noisy.
+            "final_train_loss": float(np.mean(losses_np[-tail:])),
+            "test_mse": test_mse,
+            "test_accuracy": test_accuracy,
+            "ms_per_step": ms_per_step,
+        }
+        results.append(RunResult(seed, row, norms_np, losses_np, eval_steps, test_losses))
+    return results
+
+
+def _worst_last(values: Sequence[float]) -> np.ndarray:
+    """The values as float64, NaN (a diverged run) replaced by +inf so that it ranks the worst."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isnan(values), np.inf, values)
+
+
+def median_index(results: Sequence[RunResult]) -> int:
+    """The index of the run with the median test MSE (for an even count, the upper of the two)."""
+    order = np.argsort(_worst_last([r.row["test_mse"] for r in results]), kind="stable")
+    return int(order[len(order) // 2])
+
+
+def summarize(results: Sequence[RunResult]) -> dict[str, Any]:
+    """One configuration's row: the median over the seeds of each run statistic, and two ranges.
+
+    A NaN statistic (a diverged run) counts as the largest value, so a single
+    diverged seed out of three does not turn the median into NaN.
+    """
+    first = results[0].row
+    row: dict[str, Any] = {"cell": first["cell"], "config": first["config"]}
+    for name in RUN_STATISTICS:
+        median = float(np.median(_worst_last([r.row[name] for r in results])))
+        row[name] = int(median) if isinstance(first[name], int) and median.is_integer() else median
+    for name in ("grad_norm_max", "test_mse"):
+        values = _worst_last([r.row[name] for r in results])
+        row[f"{name}_min"], row[f"{name}_max"] = float(values.min()), float(values.max())
+    row["seeds"] = [r.seed for r in results]
+    row["median_seed"] = results[median_index(results)].seed
+    return row
+
+
+def _display_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as printed: the largest gradient norm and the test MSE as ``median [min-max]``."""
+    shown = dict(row)
+    for name in ("grad_norm_max", "test_mse"):
+        text = f"{row[name]:.3g}"
+        if len(row["seeds"]) > 1:
+            text += f" [{row[f'{name}_min']:.3g}-{row[f'{name}_max']:.3g}]"
+        shown[f"{name} [min-max]"] = text
+    return shown
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -327,24 +405,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--test-size", type=int, default=1000, help="test sequences")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between test evals")
-    parser.add_argument("--timing-repeats", type=int, default=10, help="timed steps per config")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--timing-repeats", type=int, default=10, help="timed steps per config and seed"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds per configuration: --seed, --seed + 1, ..."
+    )
     parser.add_argument("--out", type=Path, default=Path("out/rnn_layernorm"))
     args = parser.parse_args(argv)
     for flag, known in (("configs", CONFIGS), ("cells", CELLS)):
         unknown = [c for c in getattr(args, flag).split(",") if c not in known]
         if unknown:
             parser.error(f"--{flag}: unknown {unknown}; choose from {list(known)}")
-    for name in ("seq_len", "hidden", "batch_size", "steps", "test_size", "eval_every"):
+    for name in ("seq_len", "hidden", "batch_size", "steps", "test_size", "eval_every", "seeds"):
         if getattr(args, name) < (2 if name == "seq_len" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 
 def plot_runs(
-    results: dict[tuple[str, str], RunResult], path: Path, *, seq_len: int, clip_norm: float
+    results: dict[tuple[str, str], list[RunResult]],
+    path: Path,
+    *,
+    seq_len: int,
+    clip_norm: float,
 ) -> None:
-    """One row per cell: gradient norm per step (log) and test MSE over training."""
+    """One row per cell: the median seed's gradient norm per step (log), every seed's test MSE.
+
+    Each configuration has one color; its seed with the median test MSE is drawn
+    in full (the gradient norm, and the test MSE as a bold line), the other
+    seeds' test MSE as thin lines.
+    """
     from matplotlib.figure import Figure
 
     cells = list(dict.fromkeys(cell for cell, _ in results))
@@ -352,19 +444,33 @@ def plot_runs(
     axes = fig.subplots(len(cells), 2, squeeze=False)
     for row, cell in enumerate(cells):
         norm_ax, loss_ax = axes[row]
-        for (run_cell, name), result in results.items():
-            if run_cell != cell:
-                continue
-            steps = np.arange(1, len(result.grad_norms) + 1)
-            norm_ax.plot(steps, result.grad_norms, linewidth=0.7, label=CONFIGS[name].label)
-            loss_ax.plot(result.eval_steps, result.test_losses, "o-", markersize=3,
-                         label=CONFIGS[name].label)  # fmt: skip
+        names = [name for run_cell, name in results if run_cell == cell]
+        for color, name in enumerate(names):
+            runs = results[cell, name]
+            median = median_index(runs)
+            label = f"{CONFIGS[name].label} (seed {runs[median].seed})"
+            steps = np.arange(1, len(runs[median].grad_norms) + 1)
+            norm_ax.plot(steps, runs[median].grad_norms, color=f"C{color}", linewidth=0.7,
+                         label=label)  # fmt: skip
+            for i, run in enumerate(runs):
+                loss_ax.plot(
+                    run.eval_steps,
+                    run.test_losses,
+                    "o-" if i == median else "-",
+                    color=f"C{color}",
+                    markersize=3,
+                    linewidth=1.5 if i == median else 0.6,
+                    alpha=1.0 if i == median else 0.5,
+                    label=label if i == median else None,
+                )
         norm_ax.axhline(clip_norm, color="gray", linestyle=":", label="clip threshold")
         loss_ax.axhline(
             CONSTANT_PREDICTOR_MSE, color="gray", linestyle=":", label="constant predictor"
         )
-        norm_ax.set_title(f"{cell}: global gradient norm (before clipping)")
-        loss_ax.set_title(f"{cell}: test MSE")
+        seeds = len(results[cell, names[0]])
+        norm_ax.set_title(f"{cell}: global gradient norm (before clipping), median seed")
+        loss_ax.set_title(f"{cell}: test MSE, {seeds} seed{'s' if seeds > 1 else ''} "
+                          "(median seed bold)")  # fmt: skip
         for ax in (norm_ax, loss_ax):
             ax.set_yscale("log")
             ax.set_xlabel("training step")
@@ -375,39 +481,50 @@ def plot_runs(
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Runs the study and returns the table rows."""
+    """Runs the study and returns the table rows: per cell and configuration, medians over seeds."""
     args = parse_args(argv)
     out = _common.make_output_dir(args.out)
     runs = list(itertools.product(args.cells.split(","), args.configs.split(",")))
+    seeds = list(range(args.seed, args.seed + args.seeds))
     print(
         f"adding problem, T={args.seq_len}, {args.hidden} hidden units, "
         f"{args.optimizer} lr={args.learning_rate}, batch {args.batch_size}, "
-        f"{args.steps} steps; clip threshold {args.clip_norm}; "
+        f"{args.steps} steps; clip threshold {args.clip_norm}; seeds {seeds}; "
         f"constant predictor MSE {CONSTANT_PREDICTOR_MSE:.4f}"
     )
     start = time.perf_counter()
-    results: dict[tuple[str, str], RunResult] = {}
-    for cell, name in tqdm(runs, desc="runs"):
-        results[cell, name] = run_config(cell, CONFIGS[name], args, position=1)
-    rows = [r.row for r in results.values()]
+    results: dict[tuple[str, str], list[RunResult]] = {}
+    for cell, name in tqdm(runs, desc="configs"):
+        results[cell, name] = run_config(cell, CONFIGS[name], args, seeds, position=1)
+    rows = [summarize(r) for r in results.values()]
+    seed_rows = [run.row for r in results.values() for run in r]
     print()
-    _common.print_table(rows, TABLE_COLUMNS)
+    if len(seeds) > 1:
+        print(f"median over seeds {seeds}; [min-max]: the range over the seeds")
+    _common.print_table([_display_row(row) for row in rows], TABLE_COLUMNS)
     print(f"\ntotal {time.perf_counter() - start:.1f} s; outputs in {out}")
 
     _common.write_csv(out / "results.csv", rows)
+    _common.write_csv(out / "results_per_seed.csv", seed_rows)
     _common.write_json(
         out / "results.json",
         {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "constant_predictor_mse": CONSTANT_PREDICTOR_MSE,
             "rows": rows,
+            "seed_rows": seed_rows,
+            # Per cell/configuration, one entry per seed, in seed order.
             "runs": {
-                f"{cell}/{name}": {
-                    "grad_norms": r.grad_norms,
-                    "train_losses": r.train_losses,
-                    "eval_steps": r.eval_steps,
-                    "test_losses": r.test_losses,
-                }
+                f"{cell}/{name}": [
+                    {
+                        "seed": run.seed,
+                        "grad_norms": run.grad_norms,
+                        "train_losses": run.train_losses,
+                        "eval_steps": run.eval_steps,
+                        "test_losses": run.test_losses,
+                    }
+                    for run in r
+                ]
                 for (cell, name), r in results.items()
             },
         },

@@ -121,19 +121,36 @@ def test_rnn_layernorm_runs_every_cell(tmp_path):
             "--eval-every", "3",
             "--test-size", "16",
             "--timing-repeats", "1",
+            "--seed", "4",
+            "--seeds", "3",
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
     assert [(r["cell"], r["config"]) for r in rows] == [("rnn", "LN, clip"), ("lstm", "LN, clip")]
     written = json.loads((tmp_path / "results.json").read_text())
+    assert len(written["seed_rows"]) == 6
     for row in rows:
-        run = written["runs"][f"{row['cell']}/ln_clip"]
-        norms = np.array(run["grad_norms"], dtype=float)
-        assert norms.shape == (6,) and np.all(np.isfinite(norms)) and np.all(norms > 0)
-        assert row["grad_norm_max"] == pytest.approx(norms.max())
-        assert row["steps_above_clip"] == int(np.sum(norms > 1.0))  # the default --clip-norm
-        assert run["eval_steps"] == [3, 6]
-        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert row["seeds"] == [4, 5, 6]
+        runs = written["runs"][f"{row['cell']}/ln_clip"]
+        assert [run["seed"] for run in runs] == [4, 5, 6]
+        seed_rows = [r for r in written["seed_rows"] if r["cell"] == row["cell"]]
+        # The row is the median over the seeds of each run's statistics.
+        for seed_row, run in zip(seed_rows, runs, strict=True):
+            norms = np.array(run["grad_norms"], dtype=float)
+            assert norms.shape == (6,) and np.all(np.isfinite(norms)) and np.all(norms > 0)
+            assert seed_row["grad_norm_max"] == pytest.approx(norms.max())
+            # 1.0 is the default --clip-norm.
+            assert seed_row["steps_above_clip"] == int(np.sum(norms > 1.0))
+            assert run["eval_steps"] == [3, 6]
+            assert 0.0 <= seed_row["test_accuracy"] <= 1.0
+        mses = [r["test_mse"] for r in seed_rows]
+        assert row["test_mse"] == pytest.approx(np.median(mses))
+        assert (row["test_mse_min"], row["test_mse_max"]) == (min(mses), max(mses))
+        max_norms = [r["grad_norm_max"] for r in seed_rows]
+        assert row["grad_norm_max"] == pytest.approx(np.median(max_norms))
+        assert row["median_seed"] == seed_rows[int(np.argsort(mses)[1])]["seed"]
+    # Different seeds train differently.
+    assert len({r["test_mse"] for r in written["seed_rows"]}) == 6
     assert _is_png(tmp_path / "rnn_layernorm.png")
 
 
