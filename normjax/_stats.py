@@ -432,18 +432,16 @@ def _two_passes(
         # constant (offset 0, variance 0).
         shift = sets.sample(raw, 0).astype(dtype)
         # The deviations from it summed as x p - shift p, p a power of two at
-        # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor the
-        # sum can overflow, where x - shift can (entries of opposite signs near
-        # float32's largest). p per set, through the barrier: as a scalar, XLA
-        # on the CPU broadcast it to x's size and wrote that out for the
-        # YNNPACK reduction.
+        # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor this
+        # device's sum can overflow, where x - shift can (entries of opposite
+        # signs near float32's largest).
         p = 2.0 ** -(math.ceil(math.log2(max(sets.size(raw.shape), 1))) + 1)
-        x, (shift, per_set_p) = _own_conversion(raw, dtype, (shift, jnp.full_like(shift, p)))
-        offset = sets.total(x * per_set_p - shift * per_set_p) * (inv_n / p)
-        # The squares and the output subtract the mean rounded to dtype (and
-        # then what is left of it), not the sample: x minus the mean cannot
-        # overflow. An expression of its own, too, where the sample shift was
-        # shared with the first sum (see _distinct_shifts).
+        x, shift = _own_conversion(raw, dtype, shift)
+        offset = sets.total(x * p - shift * p) * (inv_n / p)
+        # The squares and the output subtract the mean (in dtype, then what is
+        # left of it), not the sample: x minus the mean cannot overflow. And an
+        # expression of its own, where the sample shift was shared with the
+        # first sum (see _distinct_shifts).
         mean = lax.stop_gradient(shift + offset)
         shift, offset = mean, (shift - mean) + offset
 
