@@ -172,17 +172,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--epochs", type=int, default=10, help="total epochs (with --resume too)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam learning rate")
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument(
+        "--channels", type=int, nargs="+", default=[32, 64, 64], help="conv widths, one per block"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument(
         "--bench-batch", type=int, default=1024, help="images per inference call when timing"
     )
-    parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--timing-rounds", type=int, default=5, help="timing rounds (median)")
     parser.add_argument("--timing-repeats", type=int, default=10, help="timed calls per round")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("out/cnn_batchnorm"))
+    parser.add_argument("--seed", type=int, default=0, help="data split and init seed")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/cnn_batchnorm"), help="output directory"
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "bench_batch", "timing_rounds", "timing_repeats"):
         value = getattr(args, name)
@@ -219,14 +223,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if latest is None:
             print(f"--resume: no checkpoint in {checkpoint_dir}; starting from scratch")
         else:
-            restored = manager.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()
-                ),
-            )
+            try:
+                restored = manager.restore(
+                    latest,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(state), history=ocp.args.JsonRestore()
+                    ),
+                )
+            except ValueError as error:  # orbax's shape/structure mismatch
+                raise SystemExit(
+                    f"--resume: the checkpoint in {checkpoint_dir} does not fit this model "
+                    f"(--channels {' '.join(map(str, args.channels))}); resume with the "
+                    f"flags it was trained with, or drop --resume to start afresh.\n{error}"
+                ) from error
             state, history, start_epoch = restored.state, list(restored.history), latest
             print(f"--resume: restored epoch {latest} from {checkpoint_dir}")
+            if latest >= args.epochs:
+                print(f"--resume: epoch {latest} >= --epochs {args.epochs}: nothing to train")
 
     def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> Any:
         logits, updates = model.apply(
@@ -257,10 +270,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     # Skip the batches of the restored epochs so a resumed run continues the same stream.
     batches = itertools.islice(batches, start_epoch * steps_per_epoch, None)
-    print(
-        f"{len(data.x_train)} training / {len(data.x_test)} test images, batch "
-        f"{args.batch_size}, epochs {start_epoch + 1}..{args.epochs}"
-    )
+    if start_epoch < args.epochs:
+        print(
+            f"{len(data.x_train)} training / {len(data.x_test)} test images, batch "
+            f"{args.batch_size}, epochs {start_epoch + 1}..{args.epochs}"
+        )
     for epoch in tqdm(range(start_epoch + 1, args.epochs + 1), desc="epochs"):
         losses = []
         for x, y in itertools.islice(batches, steps_per_epoch):

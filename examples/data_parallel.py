@@ -238,12 +238,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--devices", type=int, default=None, help="devices to use (default all)")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="layer widths")
-    parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--learning-rate", type=float, default=0.05, help="SGD learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("out/data_parallel"))
+    parser.add_argument("--seed", type=int, default=0, help="data split and init seed")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/data_parallel"), help="output directory"
+    )
     return parser.parse_args(argv)
 
 

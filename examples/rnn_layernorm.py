@@ -393,10 +393,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seq-len", type=int, default=100, help="T, the sequence length")
     parser.add_argument("--hidden", type=int, default=32, help="hidden units")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     parser.add_argument("--steps", type=int, default=800, help="training steps per run")
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument(
+        "--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd: with momentum 0.9"
+    )
+    parser.add_argument("--learning-rate", type=float, default=0.05, help="learning rate")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="global-norm threshold")
     parser.add_argument(
         "--configs",
@@ -412,7 +414,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--seeds", type=int, default=3, help="seeds per configuration: --seed, --seed + 1, ..."
     )
-    parser.add_argument("--out", type=Path, default=Path("out/rnn_layernorm"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/rnn_layernorm"), help="output directory"
+    )
     args = parser.parse_args(argv)
     for flag, known in (("configs", CONFIGS), ("cells", CELLS)):
         unknown = [c for c in getattr(args, flag).split(",") if c not in known]

@@ -270,7 +270,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4, 8, 64])
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[2, 4, 8, 64], help="batch sizes to compare"
+    )
     parser.add_argument(
         "--norms", nargs="+", choices=list(NORMS), default=list(NORMS), help="normalizations"
     )
@@ -278,11 +280,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base-lr", type=float, default=0.1, help=f"SGD learning rate at batch {REFERENCE_BATCH}"
     )
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed (vmapped)"
     )
-    parser.add_argument("--out", type=Path, default=Path("out/small_batch"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/small_batch"), help="output directory"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
