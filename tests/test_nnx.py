@@ -132,6 +132,25 @@ def test_group_norm_resolves_and_checks_its_groups_when_built_as_flax_nnx_does()
             njx.GroupNorm(6, rngs=_rngs(), **kw)
 
 
+def test_flax_nnx_statistics_loaded_with_a_large_count_go_on_as_flax_would():
+    # The README's recipe: nnx.update from a flax.nnx.BatchNorm's state (which
+    # has no count), then count = 2**30; training then weighs each batch
+    # 1 - momentum, as Flax does.
+    x = jax.random.normal(KEY(5), (16, 6))
+    theirs = nnx.BatchNorm(6, momentum=0.9, rngs=_rngs())
+    for step in range(5):
+        theirs(x + step)
+    ours = njx.BatchNorm(6, momentum=0.9, rngs=_rngs())
+    nnx.update(ours, nnx.split(theirs)[1])
+    ours.count[...] = 2**30
+    ours.eval(), theirs.eval()
+    chex.assert_trees_all_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    ours.train(), theirs.train()
+    chex.assert_trees_all_close(ours(x + 10), theirs(x + 10), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close((ours.mean[...], ours.var[...]),
+                                (theirs.mean[...], theirs.var[...]), atol=1e-5, rtol=1e-5)
+
+
 def test_train_and_eval_switch_batch_norm_like_flax():
     class Block(nnx.Module):
         def __init__(self, rngs):
