@@ -588,6 +588,8 @@ class GroupNorm(_PerSampleNorm):
       num_features: the number of channels (the last axis).
       num_groups: the number of channel groups (32, as in the paper).
       group_size: the number of channels per group (then ``num_groups=None``).
+        Either way both attributes are set, and a count that does not divide
+        ``num_features`` raises ValueError here, as in Flax NNX.
       epsilon: added to the variance before the square root.
       dtype: the output dtype (default: the promotion of ``x`` and the params).
       param_dtype: the dtype of scale and bias.
@@ -655,7 +657,7 @@ class GroupNorm(_PerSampleNorm):
                 f"{_describe(self)}: `{given}`={value!r} must be a positive int dividing "
                 f"num_features={num_features}."
             )
-        self.num_groups = num_groups if num_groups is not None else num_features // value
+        self.num_groups = int(num_features // value if num_groups is None else num_groups)
         self.group_size = num_features // self.num_groups
         self.feature_axis = -1
         self.reduction_axes = reduction_axes
