@@ -104,7 +104,7 @@ def _check_stored_shapes(
         if stored != tuple(feature_shape):
             raise ValueError(
                 f"{_describe(module)}: `x` has feature shape {tuple(feature_shape)} at {where}, "
-                f"but the module's parameters and statistics have shape {stored} "
+                f"but its `{collection}/{name}` has shape {stored} "
                 "(the input's number of features changed since `init`)."
             )
 
