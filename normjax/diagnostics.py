@@ -93,6 +93,8 @@ def gradient_norms(grads: Any) -> dict[str, float]:
 
     Norms are accumulated in float64 on the host, so gradients as small as 1e-30
     (deep sigmoid networks reach that) do not underflow to 0 as float32 squares would.
+    Leaves of dtype ``float0``, the gradients of integer leaves under
+    ``jax.grad(..., allow_int=True)`` (normjax's ``batch_stats/count``), are left out.
 
     Args:
       grads: a pytree of arrays, e.g. the output of ``jax.grad`` for Flax params.
@@ -111,7 +113,13 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     for path, leaf in leaves_with_paths:
         names = _path_names(path)
         value = np.asarray(leaf)
-        if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+        if value.dtype == jax.dtypes.float0:
+            # The gradient of an integer leaf (allow_int=True), such as
+            # normjax's batch_stats/count: it has no gradient to measure.
+            continue
+        # jnp.issubdtype knows bfloat16 and the other ml_dtypes as floating;
+        # numpy's own issubdtype does not.
+        if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == np.bool_):
             raise TypeError(
                 f"gradient_norms: every leaf of `grads` must be a numeric array; the leaf at "
                 f"{'/'.join(names)!r} has dtype {value.dtype} ({type(leaf).__name__})"

@@ -49,7 +49,7 @@ def fold_batch_norm(
       The folded kernel (kernel's dtype) and bias (always present).
 
     Raises:
-      TypeError: a non-floating kernel.
+      TypeError: a non-floating kernel; a state that is not a BatchNormState.
       ValueError: shapes that do not match the kernel's output features;
         epsilon <= 0.
     """
@@ -57,6 +57,11 @@ def fold_batch_norm(
     if kernel.ndim < 2:
         raise ValueError(f"`kernel` must have at least 2 dimensions, got shape {kernel.shape}.")
     _stats.check_epsilon(epsilon)
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState, got {type(state).__name__}; for Flax "
+            f"batch_stats write BatchNormState(stats['mean'], stats['var'], stats['count'])."
+        )
     out = (kernel.shape[-1],)
     for name, value in (
         ("bias", bias), ("state.mean", state.mean), ("state.var", state.var),

@@ -248,6 +248,17 @@ def test_non_finite_batch_updates_state_when_skip_disabled():
     assert np.isnan(np.asarray(state.mean)[0])
 
 
+def test_float16_state_takes_a_batch_whose_mean_plus_variance_overflows_float16():
+    # Mean 3e4 and variance 4e4 each fit float16 (max 65504); their sum does not.
+    # The finiteness check used to add them and dropped this finite batch.
+    x = np.array([[30000.0 - 200.0], [30000.0 + 200.0]], np.float32)
+    _, state = nj.batch_norm(x, nj.batch_norm_state(1, jnp.float16), training=True)
+    x64 = x.astype(np.float64)
+    assert int(state.count) == 1
+    np.testing.assert_array_equal(np.asarray(state.mean), x64.mean(0).astype(np.float16))
+    np.testing.assert_array_equal(np.asarray(state.var), x64.var(0).astype(np.float16))
+
+
 def test_count_rises_by_one_per_training_call():
     state = nj.batch_norm_state(3)
     counts = []

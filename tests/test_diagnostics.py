@@ -161,6 +161,45 @@ def test_gradient_norms_of_an_nnx_model_are_keyed_by_the_variable_path():
     assert norms["layers/0/kernel"] == 0.0
 
 
+def test_gradient_norms_of_bfloat16_gradients_match_float64():
+    grads = {
+        "params": {
+            "Dense_0": {
+                "kernel": jnp.asarray(np.random.default_rng(5).normal(size=(4, 3)), jnp.bfloat16),
+                "bias": jnp.asarray([1e-20, -3.0, 250.0], jnp.bfloat16),
+            }
+        }
+    }
+    norms = diagnostics.gradient_norms(grads)
+    for name in ("kernel", "bias"):
+        leaf = np.asarray(grads["params"]["Dense_0"][name]).astype(np.float64)
+        np.testing.assert_allclose(norms[f"Dense_0/{name}"], _reference_norm(leaf), rtol=1e-12)
+
+
+def test_gradient_norms_leave_out_the_gradients_of_integer_leaves():
+    # normjax.linen.BatchNorm keeps an int32 batch_stats/count: a gradient over
+    # all variables needs allow_int=True and gives that leaf a float0 gradient.
+    import normjax.linen as njl
+
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(8, 3)), jnp.float32)
+    model = njl.BatchNorm(use_running_average=True)
+    variables = model.init(jax.random.key(0), x)
+    grads = jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2), allow_int=True)(variables)
+    norms = diagnostics.gradient_norms(grads)
+    # The reference: Flax's own BatchNorm, which keeps no count, on the same values.
+    flax_model = nn.BatchNorm(use_running_average=True, epsilon=model.epsilon)
+    flax_variables = {
+        "params": variables["params"],
+        "batch_stats": {k: variables["batch_stats"][k] for k in ("mean", "var")},
+    }
+    flax_grads = jax.grad(lambda v: jnp.sum(flax_model.apply(v, x) ** 2))(flax_variables)
+    assert sorted(norms) == ["bias", "mean", "scale", "var"]
+    for collection, name in [("params", "scale"), ("params", "bias"),
+                             ("batch_stats", "mean"), ("batch_stats", "var")]:  # fmt: skip
+        leaf = np.asarray(flax_grads[collection][name], np.float64)
+        np.testing.assert_allclose(norms[name], _reference_norm(leaf), rtol=1e-5)
+
+
 def test_gradient_norms_rejects_a_non_numeric_leaf_naming_its_path():
     with pytest.raises(TypeError, match=r"Dense_0/kernel.*dtype"):
         diagnostics.gradient_norms({"params": {"Dense_0": {"kernel": np.array(["a"])}}})

@@ -153,3 +153,9 @@ def test_check_grads_fold_float64():
 
         check_grads(jax.jit(fold), (kernel, bias, mean, var, scale, bn_bias), order=1,
                     modes=("fwd", "rev"))
+
+
+def test_a_flax_batch_stats_dict_as_state_is_a_clear_error():
+    stats = {"mean": jnp.zeros(4), "var": jnp.ones(4), "count": jnp.asarray(1)}
+    with pytest.raises(TypeError, match=r"`state` must be a BatchNormState, got dict"):
+        nj.fold_batch_norm(jnp.ones((3, 4)), None, stats, None, None)
