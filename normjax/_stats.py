@@ -217,6 +217,9 @@ class _Sets(NamedTuple):
         devices in order is shifted exactly as on one device (within index
         groups, the largest: one of the samples, all the same).
         """
+        if any(x.shape[a] == 0 for a in self.axes):
+            # Empty sets have no entry to take, and any shift serves them.
+            return jnp.zeros(_reduced_shape(x.shape, self.axes), x.dtype)
         longest = max(self.axes, key=lambda a: x.shape[a], default=None)
         for a in self.axes:
             i = k % x.shape[a] if a == longest else 0

@@ -148,8 +148,13 @@ def _update_state(
         w = jnp.asarray(1 - momentum, dtype)
     # (1 - w) * old + w * batch, rather than old + w * (batch - old), is exactly
     # the batch when w == 1.
+    # A feature the mask hides entirely has no statistics (its batch mean and
+    # variance read 0): it keeps its running values.
+    seen = jnp.broadcast_to(batch.count > 0, batch.mean.shape).reshape(fshape)
     updated = BatchNormState(
-        (1 - w) * state.mean + w * mean, (1 - w) * state.var + w * var, count
+        jnp.where(seen, (1 - w) * state.mean + w * mean, state.mean),
+        jnp.where(seen, (1 - w) * state.var + w * var, state.var),
+        count,
     )
     if not skip_nonfinite:
         return updated
@@ -208,7 +213,10 @@ def batch_norm(
         running variance, as PyTorch does. Normalization always uses the
         biased batch variance.
       skip_nonfinite: keep the running state (and count) as it was when the
-        batch statistics are not finite. The output still shows the NaN.
+        batch statistics are not finite, or when the mask hides a feature
+        entirely (the one count is shared by all features). The output still
+        shows the NaN. Without it, a hidden feature keeps its running values
+        and the others update.
       dtype: output dtype; ``x.dtype`` by default.
 
     Returns:
@@ -298,8 +306,13 @@ def batch_renorm(
         epsilon=epsilon, mask=mask, axis_name=axis_name,
     )  # fmt: skip
     out_dtype = p.x.dtype if dtype is None else dtype
-    batch = _stats.moments(
-        p.x, p.reduction_axes, epsilon=epsilon, mask=p.mask, axis_name=axis_name,
+    # xhat and the batch statistics from standardize, whose closed-form
+    # derivative stays exact where autodiff through the moments does not:
+    # rsqrt of a zero sum of squares gave NaN gradients to an all-zero
+    # feature, and var**-1.5 flushed to zero lost the xhat term at std 1e13.
+    xhat, batch = _stats.standardize(
+        p.x, p.reduction_axes, p.feature_axes, None, None, epsilon=epsilon,
+        dtype=_stats.stat_dtype(p.x.dtype), mask=p.mask, axis_name=axis_name,
         axis_index_groups=axis_index_groups,
     )  # fmt: skip
     running = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
@@ -314,15 +327,14 @@ def batch_renorm(
     shift = ((batch.shift - running.mean) + batch.offset) * running.inv_std
     d = jnp.where(correct, jnp.clip(shift, -d_max, d_max), 0)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)
-    # ((x - mu_B) * inv_B * r + d) * scale + bias: d joins the bias. Moved into
-    # the mean instead (x - (mu_B - d / (inv_B * r))), it overflows for x near
-    # float32's largest where x - mu_B does not.
-    d = jnp.reshape(d, p.feature_shape)
-    shifted_bias = d if scale is None else d * scale.astype(d.dtype)
+    # The paper's (xhat * r + d) * scale + bias: xhat is finite wherever the
+    # output is, so nothing here overflows that the formula does not.
+    y = xhat * r + d
+    if scale is not None:
+        y = y * jnp.reshape(scale, r.shape).astype(y.dtype)
     if bias is not None:
-        shifted_bias = shifted_bias + bias.astype(d.dtype)
-    corrected = batch._replace(inv_std=batch.inv_std * r)
-    y = _stats.normalize(p.x, corrected, scale, shifted_bias, p.feature_axes, out_dtype)
+        y = y + jnp.reshape(bias, r.shape).astype(y.dtype)
+    y = y.astype(out_dtype)
     new_state = _update_state(
         state, batch, p.feature_shape, momentum=momentum, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,

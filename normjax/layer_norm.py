@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
+import numpy as np
 
 from normjax import _stats
 from normjax._stats import Axes
@@ -138,6 +139,11 @@ def rms_norm(
     )  # fmt: skip
 
 
+def _is_whole(value: Any) -> bool:
+    """A Python or numpy integer (a group count read from a config array), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def group_norm(
     x: Array,
     scale: Array | None = None,
@@ -196,17 +202,18 @@ def group_norm(
             f"num_groups={num_groups!r}, group_size={group_size!r}."
         )
     if group_size is not None:
-        if not (isinstance(group_size, int) and group_size > 0 and channels % group_size == 0):
+        if not (_is_whole(group_size) and group_size > 0 and channels % group_size == 0):
             raise ValueError(
-                f"`group_size`={group_size!r} must be a positive divisor of the number of "
+                f"`group_size`={group_size!r} must be a positive int dividing the number of "
                 f"channels {channels}."
             )
         num_groups = channels // group_size
-    if not (isinstance(num_groups, int) and num_groups > 0 and channels % num_groups == 0):
+    if not (_is_whole(num_groups) and num_groups > 0 and channels % num_groups == 0):
         raise ValueError(
-            f"`num_groups`={num_groups!r} must be a positive divisor of the number of "
+            f"`num_groups`={num_groups!r} must be a positive int dividing the number of "
             f"channels {channels}."
         )
+    num_groups = int(num_groups)
     if reduction_axes is None:
         reduction = tuple(range(1, x.ndim))
     else:

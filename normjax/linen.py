@@ -125,19 +125,25 @@ def _scale_and_bias(
     return scale, bias
 
 
-def _as_flax_takes_them(x: Array, mask: Array | None) -> tuple[Array, Array | None]:
+def _as_flax_takes_them(x: Array, mask: Array | None) -> tuple[Array, Array | None, Array]:
     """``x`` and ``mask`` as ``flax.linen`` takes them: an integer or boolean x
     as floating (float32 for int32), and any mask as booleans (nonzero:
-    counted). The core itself takes floating x and boolean masks only."""
-    x = jnp.asarray(x)
+    counted). The core itself takes floating x and boolean masks only. The
+    third value is x as given, for :func:`_output_dtype`: Flax promotes an
+    int32 x with bfloat16 parameters to bfloat16, not float32."""
+    given = jnp.asarray(x)
+    x = given
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return x, None if mask is None else jnp.asarray(mask, bool)
+    return x, None if mask is None else jnp.asarray(mask, bool), given
 
 
-def _output_dtype(x: Array, scale: Array | None, bias: Array | None, dtype: Dtype | None) -> Any:
-    """Flax's output-dtype rule: ``dtype`` if given, else the promotion of x and the params."""
-    return canonicalize_dtype(x, scale, bias, dtype=dtype)
+def _output_dtype(
+    given: Array, scale: Array | None, bias: Array | None, dtype: Dtype | None
+) -> Any:
+    """Flax's output-dtype rule: ``dtype`` if given, else the promotion of the
+    input as given and the params."""
+    return canonicalize_dtype(given, scale, bias, dtype=dtype)
 
 
 def _merge_use_running_average(module: Any, attribute: bool | None, argument: bool | None) -> bool:
@@ -248,7 +254,7 @@ class BatchNorm(nn.Module):
         use_running_average = _merge_use_running_average(
             self, self.use_running_average, use_running_average
         )
-        x, mask = _as_flax_takes_them(x, mask)
+        x, mask, given = _as_flax_takes_them(x, mask)
         with _errors_name(self):
             feature_axes = _stats.canonicalize_axes(self.axis, x.ndim, "axis")
         feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -300,7 +306,7 @@ class BatchNorm(nn.Module):
                 mask=mask,
                 # As in Flax: the named axis need not exist while initializing.
                 axis_name=None if initializing else self.axis_name,
-                dtype=_output_dtype(x, scale, bias, self.dtype),
+                dtype=_output_dtype(given, scale, bias, self.dtype),
             )
         if training and not initializing:
             mean.value, var.value = new_state.mean, new_state.var
@@ -415,7 +421,7 @@ class LayerNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x, mask = _as_flax_takes_them(x, mask)
+        x, mask, given = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, self.feature_axes, "feature_axes")
         with _errors_name(self):
             return nj.layer_norm(
@@ -428,7 +434,7 @@ class LayerNorm(nn.Module):
                 mask=mask,
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
-                dtype=_output_dtype(x, scale, bias, self.dtype),
+                dtype=_output_dtype(given, scale, bias, self.dtype),
             )
 
 
@@ -482,7 +488,7 @@ class RMSNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x, mask = _as_flax_takes_them(x, mask)
+        x, mask, given = _as_flax_takes_them(x, mask)
         scale, _ = _per_sample_params(self, x, self.feature_axes, "feature_axes", use_bias=False)
         with _errors_name(self):
             return nj.rms_norm(
@@ -494,7 +500,7 @@ class RMSNorm(nn.Module):
                 mask=mask,
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
-                dtype=_output_dtype(x, scale, None, self.dtype),
+                dtype=_output_dtype(given, scale, None, self.dtype),
             )
 
 
@@ -558,7 +564,7 @@ class GroupNorm(nn.Module):
             core rejects an argument (e.g. ``num_groups`` not dividing the
             channels); the message names the module.
         """
-        x, mask = _as_flax_takes_them(x, mask)
+        x, mask, given = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, -1, "the last (channel) axis")
         with _errors_name(self):
             return nj.group_norm(
@@ -572,7 +578,7 @@ class GroupNorm(nn.Module):
                 mask=mask,
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
-                dtype=_output_dtype(x, scale, bias, self.dtype),
+                dtype=_output_dtype(given, scale, bias, self.dtype),
             )
 
 
@@ -631,7 +637,7 @@ class InstanceNorm(nn.Module):
           ValueError: if ``x``'s feature shape changed since ``init`` or the
             core rejects an argument (the message names the module).
         """
-        x, mask = _as_flax_takes_them(x, mask)
+        x, mask, given = _as_flax_takes_them(x, mask)
         scale, bias = _per_sample_params(self, x, self.feature_axes, "feature_axes")
         with _errors_name(self):
             return nj.instance_norm(
@@ -643,7 +649,7 @@ class InstanceNorm(nn.Module):
                 mask=mask,
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
-                dtype=_output_dtype(x, scale, bias, self.dtype),
+                dtype=_output_dtype(given, scale, bias, self.dtype),
             )
 
 

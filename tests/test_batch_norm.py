@@ -259,6 +259,27 @@ def test_float16_state_takes_a_batch_whose_mean_plus_variance_overflows_float16(
     np.testing.assert_array_equal(np.asarray(state.var), x64.var(0).astype(np.float16))
 
 
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_a_feature_the_mask_hides_keeps_its_running_values(skip_nonfinite):
+    # Its batch statistics read 0/0 -> 0; the state used to move toward them.
+    state = _state([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], 10)
+    x = _normal(71, (8, 3), loc=5.0)
+    mask = np.ones((8, 3), bool)
+    mask[:, 2] = False
+    _, new = nj.batch_norm(x, state, training=True, mask=mask, momentum=0.5,
+                           skip_nonfinite=skip_nonfinite)  # fmt: skip
+    if skip_nonfinite:  # the one count waits for every feature
+        chex.assert_trees_all_equal(new, state)
+        return
+    w = 0.5 / (1 - 0.5**11)
+    mean, var, _ = ref.batch_stats(x[:, :2])
+    _close(np.asarray(new.mean)[:2], (1 - w) * 1.0 + w * mean)
+    _close(np.asarray(new.var)[:2], (1 - w) * 2.0 + w * var)
+    np.testing.assert_array_equal(np.asarray(new.mean)[2], 1.0)
+    np.testing.assert_array_equal(np.asarray(new.var)[2], 2.0)
+    assert int(new.count) == 11
+
+
 def test_count_rises_by_one_per_training_call():
     state = nj.batch_norm_state(3)
     counts = []
@@ -382,6 +403,40 @@ def test_renorm_of_an_entry_near_float32s_largest_is_finite():
     y, _ = nj.batch_renorm(x, state, scale, bias, training=True)
     _close(y, ref.batch_renorm_train(x, state.mean, state.var, scale, bias, r_max=3.0,
                                      d_max=5.0), rtol=1e-5, atol=1e-5)
+
+
+def _dead_unit_next_to_a_constant_one():
+    # An all-zero feature (a dead ReLU) beside a constant one, which sends the
+    # statistics down the exact two-pass path: autodiff through its rsqrt of a
+    # zero sum of squares gave the zero feature NaN gradients.
+    return np.stack([np.zeros(6), np.full(6, 3.0), _normal(62, (6,))], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        pytest.param(_dead_unit_next_to_a_constant_one, id="dead-unit"),
+        # var**-1.5 underflowed float32 here and the xhat term was lost (20-50% off).
+        pytest.param(lambda: _normal(63, (6, 3), scale=1e14), id="std-1e14"),
+    ],
+)
+def test_renorm_input_gradient_matches_the_closed_form(make_x):
+    x = make_x()
+    state = _state([0.5, 2.0, -0.2], [2.0, 0.5, 1.5], 3)
+    scale, cot = _normal(64, (3,)), _normal(65, (6, 3))
+
+    def loss(x):
+        return jnp.sum(nj.batch_renorm(x, state, scale, training=True)[0] * cot)
+
+    gx = jax.grad(loss)(x)
+    # r and d are constants to the gradient: it is batch norm's, times r * scale.
+    x64 = x.astype(np.float64)
+    sigma_b = np.sqrt(x64.var(0) + 1e-5)
+    sigma = np.sqrt(np.asarray(state.var, np.float64) + 1e-5)
+    r = np.clip(sigma_b / sigma, 1 / 3.0, 3.0)
+    expected = ref.normalize_grad(x64, cot * (r * scale.astype(np.float64)), 0, 1e-5)
+    assert np.isfinite(np.asarray(gx)).all()
+    _close(gx, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
 def test_renorm_masked_statistics_ignore_nan():

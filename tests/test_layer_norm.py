@@ -454,6 +454,18 @@ def test_group_norm_group_arguments():
         nj.group_norm(x)  # the default 32 groups do not divide 6 channels
 
 
+@pytest.mark.parametrize(
+    "groups", [{"num_groups": np.int64(3)}, {"num_groups": None, "group_size": np.int32(2)}]
+)
+def test_group_norm_takes_numpy_integer_group_arguments(groups):
+    # A group count read from a config array: its error used to call 3 "not a
+    # positive divisor" of 6.
+    x = _normal(70, (2, 4, 6), loc=1.0)
+    _close(nj.group_norm(x, **groups), ref.group_norm(x, num_groups=3))
+    with pytest.raises(ValueError, match="positive int"):
+        nj.group_norm(jnp.asarray(x), num_groups=True)
+
+
 def test_errors_fire_under_jit():
     with pytest.raises(ValueError, match="num_groups"):
         jax.jit(lambda x: nj.group_norm(x, num_groups=4))(jnp.ones((2, 3, 6)))
@@ -496,3 +508,21 @@ def test_layers_of_one_configuration_share_one_traced_core():
     x64 = np.asarray(x, np.float64)
     expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
     _close(y, expected)
+
+
+@pytest.mark.parametrize(
+    "op, flax_module, shape",
+    [
+        pytest.param(nj.layer_norm, nn.LayerNorm(), (3, 0), id="layer"),
+        pytest.param(nj.instance_norm, nn.InstanceNorm(), (2, 0, 3), id="instance"),
+        pytest.param(functools.partial(nj.group_norm, num_groups=2),
+                     nn.GroupNorm(num_groups=2), (2, 0, 4), id="group"),  # fmt: skip
+    ],
+)
+def test_empty_reduced_axes_give_an_empty_output_as_flax_does(op, flax_module, shape):
+    # Sampling a shift from an empty axis took an index modulo its size 0.
+    x = jnp.zeros(shape)
+    expected, _ = flax_module.init_with_output(jax.random.key(0), x)
+    y = op(x)
+    assert y.shape == expected.shape and y.dtype == expected.dtype
+    assert jax.grad(lambda x: jnp.sum(op(x)))(x).shape == shape

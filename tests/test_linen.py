@@ -232,18 +232,23 @@ def test_non_boolean_masks_count_their_nonzero_entries_like_flax(mask_dtype):
                                     theirs.apply(variables, x, mask=mask), atol=2e-5, rtol=2e-5)
 
 
-def test_integer_input_is_normalized_as_flax_does():
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_integer_input_is_normalized_as_flax_does(param_dtype):
+    # Flax's output dtype promotes the input as given with the parameters:
+    # int32 with bfloat16 parameters gives bfloat16, not float32.
     x = jnp.arange(72, dtype=jnp.int32).reshape(4, 3, 6) ** 2
     for ours, theirs in PAIRS:
         kwargs = {"num_groups": 3} if ours is njl.GroupNorm else {}
         if ours is njl.BatchNorm:
             kwargs = {"use_running_average": True}
+        kwargs["param_dtype"] = param_dtype
         # (Flax's own variables: a batch norm's have no count, which ours takes)
         variables = theirs(**kwargs).init(KEY(4), x.astype(jnp.float32))
         y = ours(**kwargs).apply(variables, x)
         expected = theirs(**kwargs, use_fast_variance=False).apply(variables, x)
-        assert y.dtype == expected.dtype == jnp.float32
-        chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+        assert y.dtype == expected.dtype == param_dtype
+        tol = 1e-5 if param_dtype == jnp.float32 else 1e-2
+        chex.assert_trees_all_close(y, expected, atol=tol, rtol=tol)
 
 
 def test_flax_batch_stats_without_a_count_go_on_as_flax_would():
