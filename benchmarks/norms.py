@@ -148,9 +148,25 @@ def _jax_impl(module: nn.Module, x: jax.Array, g: jax.Array) -> Compiled:
         out = module.apply({"params": params, **state}, x, mutable=mutable if training else False)
         return out  # (y, updated batch_stats) in training batch norm, y otherwise
 
+    return compile_pair(forward, params, state, x, g, returns_state=bool(training))
+
+
+def compile_pair(
+    forward: Callable[[Any, Any, jax.Array], Any],
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    g: jax.Array,
+    *,
+    returns_state: bool,
+) -> Compiled:
+    """``forward(params, state, x)`` and the gradient of ``sum(y * g)`` with
+    respect to the parameters and x, each jit-compiled; ``y`` is the output,
+    or its first element where ``forward`` also returns the updated state."""
+
     def loss(params: Any, state: Any, x: jax.Array, g: jax.Array) -> jax.Array:
         out = forward(params, state, x)
-        y = out[0] if training else out
+        y = out[0] if returns_state else out
         return jnp.sum(y.astype(jnp.float32) * g)
 
     fwd = jax.jit(forward).lower(params, state, x).compile()

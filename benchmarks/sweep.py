@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from norms import Compiled, machine_line, time_case  # noqa: E402
+from norms import Compiled, compile_pair, machine_line, time_case  # noqa: E402
 
 from normjax import linen as njl  # noqa: E402
 
@@ -141,17 +141,7 @@ def _compile(module: nn.Module, case: SweepCase, x: jax.Array, g: jax.Array) -> 
         variables = init(x)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
-
-    def loss(params: Any, state: Any, x: jax.Array, g: jax.Array) -> jax.Array:
-        out = apply(params, state, x)
-        y = out[0] if mutable else out
-        return jnp.sum(y.astype(jnp.float32) * g)
-
-    fwd = jax.jit(apply).lower(params, state, x).compile()
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, state, x, g).compile()
-    mem = fwd_bwd.memory_analysis()
-    temp = None if mem is None else int(mem.temp_size_in_bytes)
-    return Compiled(lambda: fwd(params, state, x), lambda: fwd_bwd(params, state, x, g), temp)
+    return compile_pair(apply, params, state, x, g, returns_state=bool(mutable))
 
 
 def time_one(label: str, reps: int) -> dict[str, Any]:
