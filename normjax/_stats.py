@@ -629,7 +629,8 @@ def _branch_free_jvp(
     2 mean((x - mean) dx), d inv_std = -inv_std^3 d var / 2). Autodiff through
     the two sums of squares and their ``min``/``max`` would give NaN: the
     unused sum's reciprocal square root has an infinite slope where it
-    underflowed (batch_renorm's gradient, which differentiates :func:`moments`)."""
+    underflowed (as batch_renorm's gradient was before it took
+    :func:`standardize`'s)."""
     (raw,), (draw,) = primals, tangents
     stats = _branch_free(raw, sets, epsilon, center)
     x, dx = raw.astype(stats.var.dtype), draw.astype(stats.var.dtype)
@@ -744,6 +745,10 @@ def moments(
       ``channel_groups``, the last axis keeps its size, each group's value
       repeated over its channels). A set with no counted entry has
       ``inv_std`` 0, so it normalizes to the bias.
+
+    For values only: differentiate :func:`standardize`, whose closed-form
+    derivative stays finite where autodiff through these passes does not
+    (the rsqrt of a zero sum of squares in the guard's exact branch).
 
     Raises:
       ValueError: ``channel_groups`` does not divide the channels, or

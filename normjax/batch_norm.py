@@ -315,7 +315,7 @@ def batch_renorm(
     # took 5-8x batch norm's forward+backward time; now the same time (float32
     # and bfloat16 64x32x32x64, forward and forward+backward), the statistics'
     # second computation included.
-    batch = _stats.moments(p.x, p.reduction_axes, epsilon=epsilon, **sets)
+    batch = _stats.moments(lax.stop_gradient(p.x), p.reduction_axes, epsilon=epsilon, **sets)
     running = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
     # Correct only where both sides have statistics: a set the mask hides
     # entirely has none (inv_std 0) and normalizes to the bias, as in batch_norm.
