@@ -526,3 +526,85 @@ def test_empty_reduced_axes_give_an_empty_output_as_flax_does(op, flax_module, s
     y = op(x)
     assert y.shape == expected.shape and y.dtype == expected.dtype
     assert jax.grad(lambda x: jnp.sum(op(x)))(x).shape == shape
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -3e38])
+@pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
+def test_hidden_non_finite_entries_leave_the_gradient_of_the_rest_alone(fill, center):
+    # Padding that holds NaN or inf, hidden by the mask and by a masked loss:
+    # its x entered the derivative's products, and the transposes summed it
+    # times a zero cotangent into NaN for every entry of its row (Flax too).
+    x = _normal(72, (3, 9), loc=0.5, scale=2.0)
+    lengths = np.array([9, 6, 3])
+    mask = np.arange(9)[None, :] < lengths[:, None]
+    cot = _normal(73, (3, 9))
+    scale = _normal(76, (9,))
+    op = nj.layer_norm if center else nj.rms_norm
+    padded = np.where(mask, x, fill).astype(np.float32)
+
+    def loss(v, scale):
+        return jnp.sum(jnp.where(mask, op(v, scale, mask=mask), 0) * cot)
+
+    grad, grad_scale = jax.grad(loss, argnums=(0, 1))(padded, scale)
+    grad = np.asarray(grad, np.float64)
+    reference_grad = ref.normalize_grad if center else ref.rms_normalize_grad
+    expected_scale = np.zeros(9)
+    for row, n in enumerate(lengths):
+        visible, cot_row = x[row : row + 1, :n], cot[row : row + 1, :n]
+        expected = reference_grad(visible, cot_row * scale[:n], -1, 1e-6)
+        _close(grad[row, :n], expected[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(grad[row, n:], 0.0)
+        normalized = (ref.layer_norm if center else ref.rms_norm)(visible)
+        expected_scale[:n] += (cot_row * normalized)[0]
+    _close(grad_scale, expected_scale, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("op", [nj.layer_norm, nj.rms_norm], ids=["layer", "rms"])
+def test_hidden_nan_entries_of_large_inputs_give_the_gradient_of_finite_padding(op, dtype):
+    # Inputs of 2^20 entries or more take the derivative's rewrites for the
+    # CPU, which convert x again for terms of their own.
+    rows, length = 1024, 1024
+    x = _normal(77, (rows, length), loc=0.5)
+    mask = np.arange(length)[None, :] < (np.arange(rows)[:, None] % length + 1)
+    scale, cot = _normal(78, (length,)), _normal(79, (rows, length))
+
+    def grads(padding):
+        padded = jnp.asarray(np.where(mask, x, padding), dtype)
+
+        def loss(v, s):
+            return jnp.sum(jnp.where(mask, op(v, s, mask=mask), 0).astype(jnp.float32) * cot)
+
+        return jax.grad(loss, argnums=(0, 1))(padded, scale)
+
+    expected = grads(0.0)
+    assert all(np.isfinite(np.asarray(e, np.float32)).all() for e in expected)
+    for actual, want in zip(grads(np.nan), expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(actual, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        pytest.param(lambda x, m: nj.instance_norm(x, mask=m), id="instance"),
+        pytest.param(lambda x, m: nj.group_norm(x, num_groups=2, mask=m), id="group"),
+        pytest.param(
+            lambda x, m: nj.batch_norm(x, nj.batch_norm_state(4), training=True, mask=m)[0],
+            id="batch",
+        ),
+    ],
+)
+def test_hidden_nan_entries_give_the_gradient_of_any_finite_padding(op):
+    # The statistics and a masked loss see no hidden entry, so the gradient
+    # is the same whatever the padding holds: here NaN against zeros.
+    x = _normal(74, (3, 5, 4), loc=1.0)
+    mask = (np.arange(5)[None, :] < np.array([5, 3, 4])[:, None])[..., None]
+    cot = _normal(75, (3, 5, 4))
+
+    def grad(padding):
+        padded = jnp.asarray(np.where(mask, x, padding).astype(np.float32))
+        return jax.grad(lambda v: jnp.sum(jnp.where(mask, op(v, mask), 0) * cot))(padded)
+
+    expected = np.asarray(grad(0.0))
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(np.asarray(grad(np.nan)), expected, rtol=1e-6, atol=1e-6)
