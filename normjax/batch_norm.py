@@ -312,7 +312,7 @@ def batch_renorm(
     # differentiated by its closed form, as batch_norm is. Through the moments,
     # autodiff gave NaN gradients to an all-zero feature beside a constant one
     # (rsqrt of a zero sum of squares), lost the xhat term at std 1e13, and
-    # took 5-8x batch norm's forward+backward time; now the same time (float32
+    # took 5-10x batch norm's forward+backward time; now the same time (float32
     # and bfloat16 64x32x32x64, forward and forward+backward), the statistics'
     # second computation included.
     batch = _stats.moments(lax.stop_gradient(p.x), p.reduction_axes, epsilon=epsilon, **sets)
