@@ -116,6 +116,26 @@ def check_epsilon(epsilon: float) -> None:
         raise ValueError(f"`epsilon` must be a positive number, got {epsilon!r}.")
 
 
+def group_count(channels: int, num_groups: Any, group_size: Any) -> int:
+    """The number of channel groups from exactly one of ``num_groups`` and
+    ``group_size``, each a positive Python or numpy integer (a count read from a
+    config array) dividing ``channels``; ValueError naming the argument otherwise."""
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            "Exactly one of `num_groups` and `group_size` must be given (for "
+            f"`group_size`, pass `num_groups=None` too), got num_groups={num_groups!r}, "
+            f"group_size={group_size!r}."
+        )
+    name, value = ("num_groups", num_groups) if group_size is None else ("group_size", group_size)
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not (whole and value > 0 and channels % value == 0):
+        raise ValueError(
+            f"`{name}`={value!r} must be a positive int dividing the number of channels "
+            f"{channels}."
+        )
+    return int(value if group_size is None else channels // value)
+
+
 def check_param_shape(param: Array | None, expected: tuple[int, ...], name: str) -> None:
     if param is not None and tuple(jnp.shape(param)) != tuple(expected):
         raise ValueError(

@@ -18,7 +18,6 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
-import numpy as np
 
 from normjax import _stats
 from normjax._stats import Axes
@@ -139,11 +138,6 @@ def rms_norm(
     )  # fmt: skip
 
 
-def _is_whole(value: Any) -> bool:
-    """A Python or numpy integer (a group count read from a config array), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def group_norm(
     x: Array,
     scale: Array | None = None,
@@ -196,24 +190,7 @@ def group_norm(
     if x.ndim < 2:
         raise ValueError(f"group_norm needs `x` with a batch and a channel axis, got {x.shape}.")
     channels = x.shape[-1]
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            "Exactly one of `num_groups` and `group_size` must be given, got "
-            f"num_groups={num_groups!r}, group_size={group_size!r}."
-        )
-    if group_size is not None:
-        if not (_is_whole(group_size) and group_size > 0 and channels % group_size == 0):
-            raise ValueError(
-                f"`group_size`={group_size!r} must be a positive int dividing the number of "
-                f"channels {channels}."
-            )
-        num_groups = channels // group_size
-    if not (_is_whole(num_groups) and num_groups > 0 and channels % num_groups == 0):
-        raise ValueError(
-            f"`num_groups`={num_groups!r} must be a positive int dividing the number of "
-            f"channels {channels}."
-        )
-    num_groups = int(num_groups)
+    num_groups = _stats.group_count(channels, num_groups, group_size)
     if reduction_axes is None:
         reduction = tuple(range(1, x.ndim))
     else:

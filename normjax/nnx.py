@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
@@ -642,22 +641,8 @@ class GroupNorm(_PerSampleNorm):
             bias_metadata=bias_metadata, scale_metadata=scale_metadata,
         )  # fmt: skip
         # As Flax NNX: both resolved here, and a bad pair is an error here.
-        if (num_groups is None) == (group_size is None):
-            raise ValueError(
-                f"{_describe(self)}: give exactly one of `num_groups` and `group_size` (for "
-                "`group_size`, pass `num_groups=None` too); got "
-                f"num_groups={num_groups!r}, group_size={group_size!r}."
-            )
-        given, value = ("num_groups", num_groups)
-        if num_groups is None:
-            given, value = ("group_size", group_size)
-        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-        if not (whole and value > 0 and num_features % value == 0):
-            raise ValueError(
-                f"{_describe(self)}: `{given}`={value!r} must be a positive int dividing "
-                f"num_features={num_features}."
-            )
-        self.num_groups = int(num_features // value if num_groups is None else num_groups)
+        with _errors_name(self):
+            self.num_groups = _stats.group_count(num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
         self.feature_axis = -1
         self.reduction_axes = reduction_axes
