@@ -1021,6 +1021,11 @@ def _standardize_op(
         mean_dx = counted_mean(dxc) if center else None
         dscale_b = None if scale is None else _broadcast_feature(dscale, x.ndim, feature_axes)
         dbias_b = None if bias is None else _broadcast_feature(dbias, x.ndim, feature_axes)
+        # On the CPU, a bfloat16 output's cotangent is converted to float32 for
+        # each of the kernels that read it; see _tangent_sum. Not float16's,
+        # whose arithmetic XLA on the CPU converts itself (batch norm
+        # 64x32x32x64 fwd+bwd: temp 32 -> 48 MB).
+        split_cotangent = jnp.dtype(dtype) == jnp.bfloat16 and cdt == jnp.float32
         if scale is None or factor_scale:
             # dy = mul*dx + xhat*(dscale - mul*mean(xhat*dx)) + (dbias - mul*mean(dx)):
             # one full-size product with xhat, so the transpose reduces g*xhat once
@@ -1028,47 +1033,65 @@ def _standardize_op(
             xhat_coef = -(mul * mean_xhat_dx)
             if dscale_b is not None:
                 xhat_coef = xhat_coef + dscale_b.astype(cdt)
+            const = -(mul * mean_dx) if center else None
+            if dbias_b is not None:
+                const = dbias_b.astype(cdt) if const is None else const + dbias_b.astype(cdt)
             reduce_x_minus_sample = (
                 mask is None
                 and _distinct_shifts(xc, axes)
                 # batch and instance norm, not group norm
                 and (inv.size == feature_size or channel_groups is None)
             )
-            if reduce_x_minus_sample:
-                # xhat * c as (x - s) * (inv * c) - (mean - s) * inv * c, with s a
-                # sample of the set that nothing else subtracts. The transpose then
-                # reduces g * (x - s), which XLA fuses into the reduction; g * xhat
-                # it wrote out in full. float32 fwd+bwd: instance norm 32x32x32x128
-                # 9.6 -> 8.5 ms, group norm 9.9 -> 11.1 (so not there). A converted
-                # x is converted again for this term alone (_own_conversion), or
-                # XLA writes a float32 copy of x out for it: bfloat16 fwd+bwd, same
-                # process, batch norm 64x32x32x64 14.8 -> 4.3 ms (Flax 16.8) and
-                # 65536x64 15.7 -> 5.4, instance norm 64x32x32x64 17.4 -> 11.1,
-                # temp 32 -> 16 MB; group norm 14.6 -> 15.8 (so not there either).
-                coef = inv * xhat_coef
-                sample = sets.sample(xc, 3)
-                mean_from_sample = (stats.shift - sample) + stats.offset
-                xs, sample = _own_conversion(x, cdt, sample)
-                dy = mul * dxc + (xs - sample) * coef - mean_from_sample * coef
-            elif large and x.dtype != cdt:
-                # Group norm, bfloat16: the full-size term's xhat of its own
-                # (fwd+bwd, same process: 64x32x32x64 16.6 -> 7.3 ms, temp 32 ->
-                # 16 MB; 32x32x32x128 15.1 -> 6.6 ms). Not in float32, where XLA
-                # writes no xhat out (64x32x32x64 8.0 -> 8.0 ms, 32x32x32x128
-                # 7.4 -> 8.2), nor on the GPU, for which nothing was measured.
-                def xhat_term(cpu: bool) -> Callable[[], Array]:
-                    return lambda: (xhat_of_its_own() if cpu else xhat) * xhat_coef
 
-                dy = mul * dxc + lax.platform_dependent(
-                    cpu=xhat_term(cpu=True), default=xhat_term(cpu=False)
-                )
-            else:
-                dy = mul * dxc + xhat * xhat_coef
-            const = -(mul * mean_dx) if center else None
-            if dbias_b is not None:
-                const = dbias_b.astype(cdt) if const is None else const + dbias_b.astype(cdt)
-            if const is not None:
-                dy = dy + const
+            def set_terms(cpu: bool) -> Callable[[], Array]:
+                def terms() -> Array:
+                    if reduce_x_minus_sample:
+                        # xhat * c as ((x - s) - (mean - s)) * (inv * c), with s a
+                        # sample of the set that nothing else subtracts. The
+                        # transpose then reduces g * ((x - s) - (mean - s)),
+                        # which XLA fuses into the reduction; g * xhat it wrote
+                        # out in full. (As a difference of two products, the
+                        # transpose reduced g twice, from one float32 copy of a
+                        # bfloat16 g: batch norm 65536x64 temp 16 MB -> 2 KB.)
+                        # float32 fwd+bwd: instance norm 32x32x32x128 9.6 -> 8.5
+                        # ms, group norm 9.9 -> 11.1 (so not there). A converted x
+                        # is converted again for this term alone
+                        # (_own_conversion), or XLA writes a float32 copy of x out
+                        # for it: bfloat16 fwd+bwd, same process, batch norm
+                        # 64x32x32x64 14.8 -> 4.3 ms (Flax 16.8) and 65536x64 15.7
+                        # -> 5.4, instance norm 64x32x32x64 17.4 -> 11.1, temp 32
+                        # -> 16 MB; group norm 14.6 -> 15.8 (so not there either).
+                        sample = sets.sample(xc, 3)
+                        mean_from_sample = (stats.shift - sample) + stats.offset
+                        xs, sample = _own_conversion(x, cdt, sample)
+
+                        def times_xhat(c: Array) -> Array:
+                            return ((xs - sample) - mean_from_sample) * (inv * c)
+
+                    elif cpu and large and x.dtype != cdt:
+                        # Group norm, bfloat16: the full-size term's xhat of its
+                        # own (fwd+bwd, same process: 64x32x32x64 16.6 -> 7.3 ms,
+                        # temp 32 -> 16 MB; 32x32x32x128 15.1 -> 6.6 ms). Not in
+                        # float32, where XLA writes no xhat out (64x32x32x64 8.0
+                        # -> 8.0 ms, 32x32x32x128 7.4 -> 8.2), nor on the GPU, for
+                        # which nothing was measured.
+                        def times_xhat(c: Array) -> Array:
+                            return xhat_of_its_own() * c
+
+                    else:
+
+                        def times_xhat(c: Array) -> Array:
+                            return xhat * c
+
+                    full = lambda c: jnp.broadcast_to(c, x.shape)  # noqa: E731
+                    return _tangent_sum(
+                        dtype, cpu and split_cotangent, mul * dxc,
+                        (xhat_coef, times_xhat), (const, full),
+                    )  # fmt: skip
+
+                return terms
+
+            dy = lax.platform_dependent(cpu=set_terms(cpu=True), default=set_terms(cpu=False))
         else:
             # scale varies along the reduced axes (layer norm): factoring it would
             # make mul * mean a full-size product.
@@ -1080,26 +1103,8 @@ def _standardize_op(
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
                     direct = (jnp.abs(mul) if cpu else mul) * dxc
-                    via_xhat = xhat * (mul * mean_xhat_dx)
+                    times_xhat = lambda m: xhat * (mul * m)  # noqa: E731
                     short_rows = sets.size(x.shape) <= 1024
-                    if cpu and large and center and not short_rows:
-                        # Layer norm rows of more than 1024: each term times the
-                        # scale on its own, two of them through a negation, so that
-                        # the transpose's two row sums and the input gradient each
-                        # multiply g by the scale themselves; XLA on the CPU wrote
-                        # one g * scale out for all three. 512x4096, same process:
-                        # float32 temp 8 -> 0.02 MB, fwd+bwd 4.0 -> 3.6 ms;
-                        # bfloat16 24 -> 16 MB, time unchanged. (Rows of up to
-                        # 1024 already compile to one kernel; there it measured
-                        # slower.)
-                        dy_scaled = (
-                            direct * scale_b + via_xhat * (-scale_b) - (mul * mean_dx) * scale_b
-                        )
-                    else:
-                        dy = direct - via_xhat
-                        if center:
-                            dy = dy - mul * mean_dx
-                        dy_scaled = dy * scale_b
                     # On large inputs, the scale gradient's xhat of its own: XLA on
                     # the CPU then computes it inside the scale gradient's
                     # reduction instead of writing one xhat out for both. fwd+bwd
@@ -1115,7 +1120,31 @@ def _standardize_op(
                     xhat_for_scale = xhat
                     if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
-                    return dy_scaled + xhat_for_scale * dscale_b.astype(cdt)
+                    times_scale = lambda d: xhat_for_scale * d.astype(cdt)  # noqa: E731
+                    full = lambda b: jnp.broadcast_to(b.astype(cdt), x.shape)  # noqa: E731
+                    if cpu and large and center and not short_rows:
+                        # Layer norm rows of more than 1024: each term times the
+                        # scale on its own, two of them through a negation, so that
+                        # the transpose's two row sums and the input gradient each
+                        # multiply g by the scale themselves; XLA on the CPU wrote
+                        # one g * scale out for all three. 512x4096, same process:
+                        # float32 temp 8 -> 0.02 MB, fwd+bwd 4.0 -> 3.6 ms;
+                        # bfloat16 24 -> 16 MB, time unchanged. (Rows of up to
+                        # 1024 already compile to one kernel; there it measured
+                        # slower.)
+                        return _tangent_sum(
+                            dtype, split_cotangent, direct * scale_b,
+                            (mean_xhat_dx, lambda m: times_xhat(m) * (-scale_b)),
+                            (mean_dx, lambda m: -((mul * m) * scale_b)),
+                            (dscale_b, times_scale), (dbias_b, full),
+                        )  # fmt: skip
+                    dy = direct - times_xhat(mean_xhat_dx)
+                    if center:
+                        dy = dy - mul * mean_dx
+                    return _tangent_sum(
+                        dtype, cpu and split_cotangent, dy * scale_b,
+                        (dscale_b, times_scale), (dbias_b, full),
+                    )  # fmt: skip
 
                 return terms
 
@@ -1125,8 +1154,6 @@ def _standardize_op(
             # 4096x768 117 -> 43 us, Flax 93; 65536x64 50 -> 35 us, Flax 40;
             # RMS norm 4096x768 37 -> 31 us, Flax 35).
             dy = lax.platform_dependent(cpu=row_terms(cpu=True), default=row_terms(cpu=False))
-            if dbias_b is not None:
-                dy = dy + dbias_b.astype(cdt)
         # A set with nothing counted has inv_std 0 and no statistics to move.
         safe_inv = jnp.where(inv > 0, inv, 1)
         dstats = Moments(
@@ -1136,7 +1163,7 @@ def _standardize_op(
             inv_std=-inv * (inv * mean_xhat_dx),
             count=jnp.zeros_like(stats.count),
         )
-        return (y, stats), (dy.astype(y.dtype), dstats)
+        return (y, stats), (dy, dstats)
 
     # Jitted (and inlined) for the same reason as the op: each layer's
     # differentiation calls the rule, which JAX would otherwise trace again
@@ -1144,6 +1171,47 @@ def _standardize_op(
     jitted_jvp = jax.jit(op_jvp, inline=True)
     op.defjvp(lambda primals, tangents: jitted_jvp(primals, tangents[:3]))
     return jax.jit(op, inline=True)
+
+
+def _tangent_sum(
+    dtype: Any,
+    apart: bool,
+    first: Array,
+    *terms: tuple[Array | None, Callable[[Array], Array]],
+) -> Array:
+    """``first + sum(expand(small) for small, expand in terms)`` in ``dtype``,
+    a derivative's output; terms whose ``small`` is None are left out.
+
+    With ``apart``, each term is converted to ``dtype`` on its own, and each
+    passes an optimization barrier with the next term's ``small``. The
+    transpose then converts the cotangent to float32 once for each kernel
+    that reads it, instead of once for all: XLA merges identical conversions,
+    and writes a conversion that several kernels read out in full (a float32
+    copy of a bfloat16 cotangent, twice its size). The barriers carry the
+    small values (a gradient of the scale, the bias or a per-set mean) so
+    that no two are alike and XLA cannot merge them again (see
+    :func:`_own_conversion`). The sum is then of terms rounded to ``dtype``
+    one by one, which changes forward-mode derivatives by a rounding of
+    ``dtype`` where several tangents are nonzero.
+
+    bfloat16 fwd+bwd on the CPU, same process (benchmarks/norms.py's shapes,
+    temp and time against the single conversion): layer norm 4096x768 12 ->
+    6 MB (the rest is the benchmark's cotangent rounded to bfloat16), 0.84x;
+    batch norm 64x32x32x64 16 -> 0 MB, 0.74x; group norm 16 -> 0.1 MB,
+    0.78-0.89x.
+    """
+    if not apart:
+        total = first
+        for small, expand in terms:
+            if small is not None:
+                total = total + expand(small)
+        return total.astype(dtype)
+    total = first.astype(dtype)
+    for small, expand in terms:
+        if small is not None:
+            total, small = lax.optimization_barrier((total, small))
+            total = total + expand(small).astype(dtype)
+    return total
 
 
 def _broadcast_feature(p: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
