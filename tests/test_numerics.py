@@ -697,9 +697,11 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype):
     # jax.jvp with tangents of x, the scale and the bias all nonzero. With
     # J the Jacobian of xhat (symmetric: the transpose's closed form is its own),
     # dy = (J dx) scale + xhat dscale + dbias. A bfloat16 output's derivative
-    # is a sum of its three terms, each rounded to bfloat16 on the CPU (its
-    # cotangent is then converted in each kernel that reads it): within a few
-    # units of bfloat16's resolution at the terms' magnitude.
+    # is a sum of its terms, each rounded to bfloat16 on the CPU (so that the
+    # transpose converts the cotangent in each kernel that reads it): within
+    # a few units of bfloat16's resolution at the magnitude of the closed
+    # form's elementary terms, J dx's split as scale inv (dx - mean(dx) -
+    # xhat mean(xhat dx)).
     case = ALL_CASES[name]
     x = jnp.asarray(1.0 + 2.0 * _normal(31, shape), dtype)
     dx = jnp.asarray(_normal(32, shape), dtype)
@@ -714,11 +716,17 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype):
     dxs = np.asarray(dx.astype(jnp.float32), np.float64).ravel()[index]
     epsilon = 1e-5 if name in ("batch_norm", "batch_renorm") else 1e-6
     if name == "rms_norm":
-        xhat = xs / np.sqrt((xs**2).mean(1, keepdims=True) + epsilon)
+        inv = 1 / np.sqrt((xs**2).mean(1, keepdims=True) + epsilon)
+        xhat = xs * inv
         jdx = ref.rms_normalize_grad(xs, dxs, -1, epsilon)
     else:
-        xhat = (xs - xs.mean(1, keepdims=True)) / np.sqrt(xs.var(1, keepdims=True) + epsilon)
+        inv = 1 / np.sqrt(xs.var(1, keepdims=True) + epsilon)
+        xhat = (xs - xs.mean(1, keepdims=True)) * inv
         jdx = ref.normalize_grad(xs, dxs, -1, epsilon)
+    # |J dx| at most the sum of its elementary terms' magnitudes
+    jdx_size = inv * (np.abs(dxs) + np.abs(xhat * (xhat * dxs).mean(1, keepdims=True)))
+    if name != "rms_norm":
+        jdx_size = jdx_size + inv * np.abs(dxs.mean(1, keepdims=True))
 
     def unset(v):
         out = np.empty(index.size)
@@ -734,8 +742,61 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype):
         np.testing.assert_allclose(dy, expected, rtol=1e-4, atol=1e-5)
     else:
         # the terms' roundings to bfloat16 and the sum's (measured: at most 0.5)
-        bound = 2 * float(jnp.finfo(dtype).eps) * sum(np.abs(t) for t in terms) + 1e-3
+        size = unset(jdx_size) * scale + sum(np.abs(t) for t in terms[1:])
+        bound = 2 * float(jnp.finfo(dtype).eps) * size + 1e-3
         assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("shape", [(64, 4), (16, 16, 16, 32)])
+def test_bfloat16_batch_norm_evaluation_derivatives_are_the_closed_form(shape):
+    # Evaluation mode normalizes with the running statistics, and its
+    # derivative (_normalize_op) sums its terms as the training path's does:
+    # on the CPU each kernel that reads the bfloat16 cotangent converts it
+    # itself, so no float32 copy of it is written out (Flax's: one). Forward
+    # and reverse mode, with respect to x, the scale, the bias and the
+    # running mean and variance, against the float64 closed form.
+    c = shape[-1]
+    x = jnp.asarray(1.0 + 2.0 * _normal(34, shape), jnp.bfloat16)
+    g = jnp.asarray(_normal(35, shape), jnp.bfloat16)
+    rng = np.random.default_rng(36)
+    mean, var = rng.normal(size=c).astype(np.float32), rng.uniform(0.5, 4, c).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 2, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    primals = (x, mean, var, scale, bias)
+    tangents = (jnp.asarray(_normal(37, shape), jnp.bfloat16),
+                *(rng.normal(size=c).astype(np.float32) for _ in range(4)))
+
+    def evaluate(x, mean, var, scale, bias):
+        state = nj.BatchNormState(mean, var, jnp.asarray(10, jnp.int32))
+        return nj.batch_norm(x, state, scale, bias, training=False)[0]
+
+    def loss(x, mean, var, scale, bias, g):  # g an argument: a constant, XLA folds it
+        return jnp.sum(evaluate(x, mean, var, scale, bias).astype(jnp.float32) * g)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    _, dy = jax.jit(lambda p, t: jax.jvp(evaluate, p, t))(primals, tangents)
+    grads = jax.jit(grad)(*primals, g)
+
+    x64, g64 = (np.asarray(v.astype(jnp.float32), np.float64) for v in (x, g))
+    dx64 = np.asarray(tangents[0].astype(jnp.float32), np.float64)
+    dmean, dvar, dscale, dbias = (np.asarray(t, np.float64) for t in tangents[1:])
+    inv = 1 / np.sqrt(var.astype(np.float64) + 1e-5)
+    deviation = x64 - mean
+    terms = [scale * inv * dx64, -scale * inv * dmean, deviation * (-0.5 * inv**3 * dvar) * scale,
+             deviation * inv * dscale, np.broadcast_to(dbias, shape)]
+    error = np.abs(np.asarray(dy, np.float64) - sum(terms))
+    # within a few units of bfloat16's resolution at the terms' magnitude
+    bound = 2 * float(jnp.finfo(jnp.bfloat16).eps) * sum(np.abs(t) for t in terms) + 1e-3
+    assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
+
+    summed = tuple(range(len(shape) - 1))
+    _within_resolution(grads[0], g64 * scale * inv, jnp.bfloat16)
+    expected = [-(g64.sum(summed)) * scale * inv,
+                (g64 * deviation).sum(summed) * scale * (-0.5 * inv**3),
+                (g64 * deviation * inv).sum(summed), g64.sum(summed)]
+    for actual, e in zip(grads[1:], expected, strict=True):
+        np.testing.assert_allclose(actual, e, rtol=1e-5, atol=1e-4 * np.abs(e).max())
+    temp = _cpu_compiled(grad, *primals, g).memory_analysis().temp_size_in_bytes
+    assert temp < 0.25 * x.size * 4 + 2**14  # (plus the small buffers of a small x)
 
 
 @pytest.mark.parametrize("name, width, buffers", [
