@@ -241,7 +241,10 @@ def build_case(
     dtype = jnp.dtype(case.dtype)
     kx, kg = jax.random.split(jax.random.key(len(case.label)))
     x = jax.random.normal(kx, case.shape, jnp.float32).astype(dtype)
-    g = jax.random.normal(kg, case.shape, jnp.float32)
+    # The cotangent in the output's dtype, as a model's next layer gives it. A
+    # float32 g made the loss itself round g to bfloat16, in a buffer of x's
+    # size that both normjax's and Flax's programs held.
+    g = jax.random.normal(kg, case.shape, jnp.float32).astype(dtype)
     impls = {
         "normjax": _jax_impl(_flax_module(njl, case.op, dtype), x, g),
         "flax": _jax_impl(_flax_module(nn, case.op, dtype), x, g),
@@ -249,7 +252,8 @@ def build_case(
     }
     if torch is not None and with_torch:
         xf = np.asarray(x.astype(jnp.float32))
-        impls["torch"] = _torch_impl(case.op, xf, np.asarray(g), case.dtype, torch_device)
+        gf = np.asarray(g.astype(jnp.float32))
+        impls["torch"] = _torch_impl(case.op, xf, gf, case.dtype, torch_device)
     copy = jax.jit(lambda x: 2 * x + 1).lower(x).compile()
     return impls, lambda: copy(x)
 

@@ -149,7 +149,7 @@ def time_one(label: str, reps: int) -> dict[str, Any]:
     case = CASES[label]
     kx, kg = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, case.shape, jnp.float32).astype(case.dtype)
-    g = jax.random.normal(kg, case.shape, jnp.float32)
+    g = jax.random.normal(kg, case.shape, jnp.float32).astype(case.dtype)  # as norms.py's
     impls = {}
     for name, lib, extra in (
         ("normjax", njl, {}), ("flax", nn, {}), ("flax-stable", nn, {"use_fast_variance": False}),
