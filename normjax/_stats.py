@@ -824,9 +824,18 @@ def normalize(
     ``feature_axes``; the subtraction comes before the multiply so that data
     far from zero keeps its precision.
     """
-    if jnp.dtype(dtype) == jnp.bfloat16 and stats.inv_std.dtype == jnp.float32:
+    if _split_cotangent(dtype, stats.inv_std.dtype):
         return _normalize_op(tuple(feature_axes), jnp.dtype(dtype))(x, stats, scale, bias)
     return _normalized(x, stats, scale, bias, feature_axes, dtype)
+
+
+def _split_cotangent(dtype: Any, compute_dtype: Any) -> bool:
+    """Whether a derivative's output in ``dtype`` from ``compute_dtype`` terms
+    is summed by :func:`_tangent_sum` with a conversion of the cotangent per
+    term (on the CPU): for bfloat16 outputs of float32 terms. Not float16's,
+    whose arithmetic XLA on the CPU converts itself (batch norm 64x32x32x64
+    fwd+bwd: temp 32 -> 48 MB)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(compute_dtype) == jnp.float32
 
 
 def _normalized(
@@ -881,11 +890,8 @@ def _normalize_op(feature_axes: tuple[int, ...], dtype: jnp.dtype) -> Callable:
                 # x converted for this term alone (see _own_conversion).
                 xs, shift = _own_conversion(x, cdt, stats.shift)
                 deviation = (xs - shift) - stats.offset
-                return _tangent_sum(
-                    dtype, cpu, mul * dx.astype(cdt),
-                    (dmul, lambda m: deviation * m),
-                    (const, lambda c: jnp.broadcast_to(c, x.shape)),
-                )  # fmt: skip
+                full_const = jnp.broadcast_to(const, x.shape)
+                return _tangent_sum(dtype, cpu, mul * dx.astype(cdt), deviation * dmul, full_const)
 
             return summed
 
@@ -1094,11 +1100,7 @@ def _standardize_op(
         mean_dx = counted_mean(dxc) if center else None
         dscale_b = None if scale is None else _broadcast_feature(dscale, x.ndim, feature_axes)
         dbias_b = None if bias is None else _broadcast_feature(dbias, x.ndim, feature_axes)
-        # On the CPU, a bfloat16 output's cotangent is converted to float32 for
-        # each of the kernels that read it; see _tangent_sum. Not float16's,
-        # whose arithmetic XLA on the CPU converts itself (batch norm
-        # 64x32x32x64 fwd+bwd: temp 32 -> 48 MB).
-        split_cotangent = jnp.dtype(dtype) == jnp.bfloat16 and cdt == jnp.float32
+        split_cotangent = _split_cotangent(dtype, cdt)
         if scale is None or factor_scale:
             # dy = mul*dx + xhat*(dscale - mul*mean(xhat*dx)) + (dbias - mul*mean(dx)):
             # one full-size product with xhat, so the transpose reduces g*xhat once
@@ -1137,10 +1139,7 @@ def _standardize_op(
                         sample = sets.sample(xc, 3)
                         mean_from_sample = (stats.shift - sample) + stats.offset
                         xs, sample = _own_conversion(x, cdt, sample)
-
-                        def times_xhat(c: Array) -> Array:
-                            return ((xs - sample) - mean_from_sample) * (inv * c)
-
+                        xhat_part = ((xs - sample) - mean_from_sample) * (inv * xhat_coef)
                     elif cpu and large and x.dtype != cdt:
                         # Group norm, bfloat16: the full-size term's xhat of its
                         # own (fwd+bwd, same process: 64x32x32x64 16.6 -> 7.3 ms,
@@ -1148,19 +1147,12 @@ def _standardize_op(
                         # float32, where XLA writes no xhat out (64x32x32x64 8.0
                         # -> 8.0 ms, 32x32x32x128 7.4 -> 8.2), nor on the GPU, for
                         # which nothing was measured.
-                        def times_xhat(c: Array) -> Array:
-                            return xhat_of_its_own() * c
-
+                        xhat_part = xhat_of_its_own() * xhat_coef
                     else:
-
-                        def times_xhat(c: Array) -> Array:
-                            return xhat * c
-
-                    full = lambda c: jnp.broadcast_to(c, x.shape)  # noqa: E731
-                    return _tangent_sum(
-                        dtype, cpu and split_cotangent, mul * dxc,
-                        (xhat_coef, times_xhat), (const, full),
-                    )  # fmt: skip
+                        xhat_part = xhat * xhat_coef
+                    const_part = None if const is None else jnp.broadcast_to(const, x.shape)
+                    apart = cpu and split_cotangent
+                    return _tangent_sum(dtype, apart, mul * dxc, xhat_part, const_part)
 
                 return terms
 
@@ -1176,7 +1168,7 @@ def _standardize_op(
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
                     direct = (jnp.abs(mul) if cpu else mul) * dxc
-                    times_xhat = lambda m: xhat * (mul * m)  # noqa: E731
+                    via_xhat = xhat * (mul * mean_xhat_dx)
                     short_rows = sets.size(x.shape) <= 1024
                     # On large inputs, the scale gradient's xhat of its own: XLA on
                     # the CPU then computes it inside the scale gradient's
@@ -1193,8 +1185,10 @@ def _standardize_op(
                     xhat_for_scale = xhat
                     if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
-                    times_scale = lambda d: xhat_for_scale * d.astype(cdt)  # noqa: E731
-                    full = lambda b: jnp.broadcast_to(b.astype(cdt), x.shape)  # noqa: E731
+                    scale_term = xhat_for_scale * dscale_b.astype(cdt)
+                    bias_term = None
+                    if dbias_b is not None:
+                        bias_term = jnp.broadcast_to(dbias_b.astype(cdt), x.shape)
                     if cpu and large and center and not short_rows:
                         # Layer norm rows of more than 1024: each term times the
                         # scale on its own, two of them through a negation, so that
@@ -1207,17 +1201,15 @@ def _standardize_op(
                         # slower.)
                         return _tangent_sum(
                             dtype, split_cotangent, direct * scale_b,
-                            (mean_xhat_dx, lambda m: times_xhat(m) * (-scale_b)),
-                            (mean_dx, lambda m: -((mul * m) * scale_b)),
-                            (dscale_b, times_scale), (dbias_b, full),
+                            via_xhat * (-scale_b), -((mul * mean_dx) * scale_b),
+                            scale_term, bias_term,
                         )  # fmt: skip
-                    dy = direct - times_xhat(mean_xhat_dx)
+                    dy = direct - via_xhat
                     if center:
                         dy = dy - mul * mean_dx
                     return _tangent_sum(
-                        dtype, cpu and split_cotangent, dy * scale_b,
-                        (dscale_b, times_scale), (dbias_b, full),
-                    )  # fmt: skip
+                        dtype, cpu and split_cotangent, dy * scale_b, scale_term, bias_term
+                    )
 
                 return terms
 
@@ -1246,45 +1238,44 @@ def _standardize_op(
     return jax.jit(op, inline=True)
 
 
-def _tangent_sum(
-    dtype: Any,
-    apart: bool,
-    first: Array,
-    *terms: tuple[Array | None, Callable[[Array], Array]],
-) -> Array:
-    """``first + sum(expand(small) for small, expand in terms)`` in ``dtype``,
-    a derivative's output; terms whose ``small`` is None are left out.
+def _tangent_sum(dtype: Any, apart: bool, *parts: Array | None) -> Array:
+    """The sum of a derivative's full-size ``parts`` (float32; None left out),
+    rounded to ``dtype`` once.
 
-    With ``apart``, each term is converted to ``dtype`` on its own, and each
-    passes an optimization barrier with the next term's ``small``. The
-    transpose then converts the cotangent to float32 once for each kernel
-    that reads it, instead of once for all: XLA merges identical conversions,
-    and writes a conversion that several kernels read out in full (a float32
-    copy of a bfloat16 cotangent, twice its size). The barriers carry the
-    small values (a gradient of the scale, the bias or a per-set mean) so
-    that no two are alike and XLA cannot merge them again (see
-    :func:`_own_conversion`). The sum is then of terms rounded to ``dtype``
-    one by one, which changes forward-mode derivatives by a rounding of
-    ``dtype`` where several tangents are nonzero.
+    With ``apart``, the transpose converts a ``dtype`` cotangent to float32
+    once for each part, instead of once for all of them: XLA merges identical
+    conversions, and writes a conversion that several kernels read out in
+    full (a float32 copy of a bfloat16 cotangent, twice its size). Each part's
+    transpose then reads the cotangent itself, and converts it inside its
+    kernel. A ``linear_call`` (the sum, with this transpose) keeps the
+    forward-mode derivative rounded once: summing parts converted one by one
+    would round each, and terms that cancel (along x, where normalization is
+    scale-invariant) would leave their roundings. Its transpose has no
+    residual, so second-order derivatives stay right.
 
     bfloat16 fwd+bwd on the CPU, same process (benchmarks/norms.py's shapes,
-    temp and time against the single conversion): layer norm 4096x768 12 ->
-    6 MB (the rest is the benchmark's cotangent rounded to bfloat16), 0.84x;
-    batch norm 64x32x32x64 16 -> 0 MB, 0.74x; group norm 16 -> 0.1 MB,
-    0.78-0.89x.
+    against the single conversion): layer norm 4096x768 0.84x, temp 12 -> 0.1
+    MB; batch norm 64x32x32x64 0.74x, 16 -> 0 MB; group norm 0.78-0.89x, 16
+    -> 0.1 MB; batch norm evaluation 0.66-0.79x.
     """
+    parts = tuple(p for p in parts if p is not None)
     if not apart:
-        total = first
-        for small, expand in terms:
-            if small is not None:
-                total = total + expand(small)
-        return total.astype(dtype)
-    total = first.astype(dtype)
-    for small, expand in terms:
-        if small is not None:
-            total, small = lax.optimization_barrier((total, small))
-            total = total + expand(small).astype(dtype)
-    return total
+        return functools.reduce(lax.add, parts).astype(dtype)
+    part_dtype = parts[0].dtype
+
+    def summed(_: None, parts: tuple[Array, ...]) -> Array:
+        return functools.reduce(lax.add, parts).astype(dtype)
+
+    def transposed(_: None, g: Array) -> tuple[Array, ...]:
+        # g through an optimization barrier in a shape of its own for each part
+        # (i leading 1s): no two conversions alike. (Barriers with a constant of
+        # their own were merged again; multiplying by one made the sums 1.4x
+        # slower.)
+        shapes = [(1,) * i + g.shape for i in range(len(parts))]
+        own = [lax.optimization_barrier(g.reshape(shape)).reshape(g.shape) for shape in shapes]
+        return tuple(gi.astype(part_dtype) for gi in own)
+
+    return jax.custom_derivatives.linear_call(summed, transposed, None, parts)
 
 
 def _broadcast_feature(p: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from jax.test_util import check_grads
 
 import normjax as nj
 
@@ -698,13 +699,12 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype, along):
     # jax.jvp with tangents of x, the scale and the bias all nonzero. With
     # J the Jacobian of xhat (symmetric: the transpose's closed form is its own),
     # dy = (J dx) scale + xhat dscale + dbias. A bfloat16 output's derivative
-    # is a sum of its terms, each rounded to bfloat16 on the CPU (so that the
-    # transpose converts the cotangent in each kernel that reads it): within
-    # a few units of bfloat16's resolution at the magnitude of the closed
-    # form's elementary terms, J dx's split as scale inv (dx - mean(dx) -
-    # xhat mean(xhat dx)): an error the size of rounding dx itself. Along x,
-    # where normalization is scale-invariant, J dx is about 0 and the terms
-    # cancel: the bound holds there too.
+    # is its float32 terms' sum rounded once, though its transpose converts
+    # the cotangent once per term (_stats._tangent_sum): within one unit of
+    # bfloat16's resolution of the closed form, plus float32's rounding of
+    # the terms. Along x, where normalization is scale-invariant, J dx is
+    # about 0 and its terms, of the size of dx, cancel: rounded one by one,
+    # they would leave errors the size of dx's resolution.
     case = ALL_CASES[name]
     x = jnp.asarray(1.0 + 2.0 * _normal(31, shape), dtype)
     dx = jnp.asarray(_normal(32, shape), dtype) if along == "random" else x
@@ -744,10 +744,39 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype, along):
     if dtype == jnp.float32:
         np.testing.assert_allclose(dy, expected, rtol=1e-4, atol=1e-5)
     else:
-        # the terms' roundings to bfloat16 and the sum's (measured: at most 0.5)
         size = unset(jdx_size) * scale + sum(np.abs(t) for t in terms[1:])
-        bound = 2 * float(jnp.finfo(dtype).eps) * size + 1e-3
+        bound = float(jnp.finfo(dtype).eps) * np.abs(expected) + 1e-5 * size
         assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "layer_norm_long_rows", "batch_norm",
+                                  "batch_norm_eval", "group_norm"])
+def test_split_cotangent_derivatives_pass_check_grads_to_second_order(name, monkeypatch, request):
+    # The derivative that converts a bfloat16 cotangent once per term on the
+    # CPU (_stats._tangent_sum's linear_call) taken for float64 too, where its
+    # conversions are exact, so that jax.test_util.check_grads can compare it
+    # with finite differences: forward and reverse mode, to second order.
+    monkeypatch.setattr(nj._stats, "_split_cotangent", lambda dtype, compute_dtype: True)
+    caches = (nj._stats._standardize_op, nj._stats._normalize_op)
+    for cache in caches:  # (ops built before the patch, and after it for the next tests)
+        cache.cache_clear()
+        request.addfinalizer(cache.cache_clear)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(38)
+        # rows of more than 1024, 2^20 entries: each term times the scale on its own
+        rows, width = (512, 2048) if name == "layer_norm_long_rows" else (6, 8)
+        x = jnp.asarray(rng.normal(size=(rows, width)) * 2 + 1)
+        scale, bias = jnp.asarray(rng.uniform(0.5, 2, width)), jnp.asarray(rng.normal(size=width))
+        state = nj.BatchNormState(jnp.full(width, 0.3), jnp.full(width, 2.0), jnp.asarray(3))
+        ops = {
+            "layer_norm": nj.layer_norm,
+            "layer_norm_long_rows": nj.layer_norm,
+            "batch_norm": lambda x, s, b: nj.batch_norm(x, state, s, b, training=True)[0],
+            "batch_norm_eval": lambda x, s, b: nj.batch_norm(x, state, s, b, training=False)[0],
+            "group_norm": lambda x, s, b: nj.group_norm(x.reshape(2, 3, width), s, b,
+                                                        num_groups=2),
+        }
+        check_grads(jax.jit(ops[name]), (x, scale, bias), order=2, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("shape", [(64, 4), (16, 16, 16, 32)])
@@ -786,9 +815,10 @@ def test_bfloat16_batch_norm_evaluation_derivatives_are_the_closed_form(shape):
     deviation = x64 - mean
     terms = [scale * inv * dx64, -scale * inv * dmean, deviation * (-0.5 * inv**3 * dvar) * scale,
              deviation * inv * dscale, np.broadcast_to(dbias, shape)]
-    error = np.abs(np.asarray(dy, np.float64) - sum(terms))
-    # within a few units of bfloat16's resolution at the terms' magnitude
-    bound = 2 * float(jnp.finfo(jnp.bfloat16).eps) * sum(np.abs(t) for t in terms) + 1e-3
+    expected = sum(terms)
+    error = np.abs(np.asarray(dy, np.float64) - expected)
+    # one rounding to bfloat16, as in test_forward_mode_derivative_is_the_closed_form
+    bound = float(jnp.finfo(jnp.bfloat16).eps) * np.abs(expected) + 1e-5 * sum(map(np.abs, terms))
     assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
 
     summed = tuple(range(len(shape) - 1))
