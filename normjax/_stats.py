@@ -831,10 +831,10 @@ def normalize(
 
 def _split_cotangent(dtype: Any, compute_dtype: Any) -> bool:
     """Whether a derivative's output in ``dtype`` from ``compute_dtype`` terms
-    is summed by :func:`_tangent_sum` with a conversion of the cotangent per
-    term (on the CPU): for bfloat16 outputs of float32 terms. Not float16's,
-    whose arithmetic XLA on the CPU converts itself (batch norm 64x32x32x64
-    fwd+bwd: temp 32 -> 48 MB)."""
+    is summed by :func:`_tangent_sum` with its terms apart (on the CPU): for
+    bfloat16 outputs of float32 terms. Not float16's, whose arithmetic XLA on
+    the CPU converts itself (batch norm 64x32x32x64 fwd+bwd: temp 32 -> 48
+    MB)."""
     return jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(compute_dtype) == jnp.float32
 
 
@@ -890,8 +890,11 @@ def _normalize_op(feature_axes: tuple[int, ...], dtype: jnp.dtype) -> Callable:
                 # x converted for this term alone (see _own_conversion).
                 xs, shift = _own_conversion(x, cdt, stats.shift)
                 deviation = (xs - shift) - stats.offset
-                full_const = jnp.broadcast_to(const, x.shape)
-                return _tangent_sum(dtype, cpu, mul * dx.astype(cdt), deviation * dmul, full_const)
+                return _tangent_sum(
+                    dtype, cpu, mul * dx.astype(cdt),
+                    (dmul, lambda m: deviation * m),
+                    (const, lambda c: jnp.broadcast_to(c, x.shape)),
+                )  # fmt: skip
 
             return summed
 
@@ -1139,7 +1142,10 @@ def _standardize_op(
                         sample = sets.sample(xc, 3)
                         mean_from_sample = (stats.shift - sample) + stats.offset
                         xs, sample = _own_conversion(x, cdt, sample)
-                        xhat_part = ((xs - sample) - mean_from_sample) * (inv * xhat_coef)
+
+                        def times_xhat(c: Array) -> Array:
+                            return ((xs - sample) - mean_from_sample) * (inv * c)
+
                     elif cpu and large and x.dtype != cdt:
                         # Group norm, bfloat16: the full-size term's xhat of its
                         # own (fwd+bwd, same process: 64x32x32x64 16.6 -> 7.3 ms,
@@ -1147,12 +1153,19 @@ def _standardize_op(
                         # float32, where XLA writes no xhat out (64x32x32x64 8.0
                         # -> 8.0 ms, 32x32x32x128 7.4 -> 8.2), nor on the GPU, for
                         # which nothing was measured.
-                        xhat_part = xhat_of_its_own() * xhat_coef
+                        def times_xhat(c: Array) -> Array:
+                            return xhat_of_its_own() * c
+
                     else:
-                        xhat_part = xhat * xhat_coef
-                    const_part = None if const is None else jnp.broadcast_to(const, x.shape)
-                    apart = cpu and split_cotangent
-                    return _tangent_sum(dtype, apart, mul * dxc, xhat_part, const_part)
+
+                        def times_xhat(c: Array) -> Array:
+                            return xhat * c
+
+                    full = lambda c: jnp.broadcast_to(c, x.shape)  # noqa: E731
+                    return _tangent_sum(
+                        dtype, cpu and split_cotangent, mul * dxc,
+                        (xhat_coef, times_xhat), (const, full),
+                    )  # fmt: skip
 
                 return terms
 
@@ -1168,7 +1181,7 @@ def _standardize_op(
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
                     direct = (jnp.abs(mul) if cpu else mul) * dxc
-                    via_xhat = xhat * (mul * mean_xhat_dx)
+                    times_xhat = lambda m: xhat * (mul * m)  # noqa: E731
                     short_rows = sets.size(x.shape) <= 1024
                     # On large inputs, the scale gradient's xhat of its own: XLA on
                     # the CPU then computes it inside the scale gradient's
@@ -1185,10 +1198,8 @@ def _standardize_op(
                     xhat_for_scale = xhat
                     if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
-                    scale_term = xhat_for_scale * dscale_b.astype(cdt)
-                    bias_term = None
-                    if dbias_b is not None:
-                        bias_term = jnp.broadcast_to(dbias_b.astype(cdt), x.shape)
+                    times_scale = lambda d: xhat_for_scale * d.astype(cdt)  # noqa: E731
+                    full = lambda b: jnp.broadcast_to(b.astype(cdt), x.shape)  # noqa: E731
                     if cpu and large and center and not short_rows:
                         # Layer norm rows of more than 1024: each term times the
                         # scale on its own, two of them through a negation, so that
@@ -1201,15 +1212,17 @@ def _standardize_op(
                         # slower.)
                         return _tangent_sum(
                             dtype, split_cotangent, direct * scale_b,
-                            via_xhat * (-scale_b), -((mul * mean_dx) * scale_b),
-                            scale_term, bias_term,
+                            (mean_xhat_dx, lambda m: times_xhat(m) * (-scale_b)),
+                            (mean_dx, lambda m: -((mul * m) * scale_b)),
+                            (dscale_b, times_scale), (dbias_b, full),
                         )  # fmt: skip
-                    dy = direct - via_xhat
+                    dy = direct - times_xhat(mean_xhat_dx)
                     if center:
                         dy = dy - mul * mean_dx
                     return _tangent_sum(
-                        dtype, cpu and split_cotangent, dy * scale_b, scale_term, bias_term
-                    )
+                        dtype, cpu and split_cotangent, dy * scale_b,
+                        (dscale_b, times_scale), (dbias_b, full),
+                    )  # fmt: skip
 
                 return terms
 
@@ -1238,44 +1251,51 @@ def _standardize_op(
     return jax.jit(op, inline=True)
 
 
-def _tangent_sum(dtype: Any, apart: bool, *parts: Array | None) -> Array:
-    """The sum of a derivative's full-size ``parts`` (float32; None left out),
-    rounded to ``dtype`` once.
+def _tangent_sum(
+    dtype: Any,
+    apart: bool,
+    first: Array,
+    *terms: tuple[Array | None, Callable[[Array], Array]],
+) -> Array:
+    """``first + sum(expand(small) for small, expand in terms)`` in ``dtype``,
+    a derivative's output; terms whose ``small`` is None are left out.
 
-    With ``apart``, the transpose converts a ``dtype`` cotangent to float32
-    once for each part, instead of once for all of them: XLA merges identical
-    conversions, and writes a conversion that several kernels read out in
-    full (a float32 copy of a bfloat16 cotangent, twice its size). Each part's
-    transpose then reads the cotangent itself, and converts it inside its
-    kernel. A ``linear_call`` (the sum, with this transpose) keeps the
-    forward-mode derivative rounded once: summing parts converted one by one
-    would round each, and terms that cancel (along x, where normalization is
-    scale-invariant) would leave their roundings. Its transpose has no
-    residual, so second-order derivatives stay right.
+    With ``apart``, each term is converted to ``dtype`` on its own, and each
+    passes an optimization barrier with the next term's ``small``. The
+    transpose then converts the cotangent to float32 once for each kernel
+    that reads it, instead of once for all: XLA merges identical conversions,
+    and writes a conversion that several kernels read out in full (a float32
+    copy of a bfloat16 cotangent, twice its size). The barriers carry the
+    small values (a gradient of the scale, the bias or a per-set mean) so
+    that no two are alike and XLA cannot merge them again (see
+    :func:`_own_conversion`); without them (barriers on the sum alone), XLA
+    wrote the conversion out again.
+
+    The price is in forward mode: the derivative is then a sum of terms each
+    rounded to ``dtype``, within a unit of ``dtype``'s resolution of the sum
+    of the terms' magnitudes, not of the result's. Where the terms cancel
+    (along x itself, where normalization is scale-invariant) their roundings
+    remain, as would a rounding of the tangent ``dx``. A ``linear_call`` (the
+    float32 sum rounded once, with this transpose) keeps forward mode exact
+    but has no batching rule: ``jax.vmap`` of a gradient fails.
 
     bfloat16 fwd+bwd on the CPU, same process (benchmarks/norms.py's shapes,
     against the single conversion): layer norm 4096x768 0.84x, temp 12 -> 0.1
     MB; batch norm 64x32x32x64 0.74x, 16 -> 0 MB; group norm 0.78-0.89x, 16
     -> 0.1 MB; batch norm evaluation 0.66-0.79x.
     """
-    parts = tuple(p for p in parts if p is not None)
     if not apart:
-        return functools.reduce(lax.add, parts).astype(dtype)
-    part_dtype = parts[0].dtype
-
-    def summed(_: None, parts: tuple[Array, ...]) -> Array:
-        return functools.reduce(lax.add, parts).astype(dtype)
-
-    def transposed(_: None, g: Array) -> tuple[Array, ...]:
-        # g through an optimization barrier in a shape of its own for each part
-        # (i leading 1s): no two conversions alike. (Barriers with a constant of
-        # their own were merged again; multiplying by one made the sums 1.4x
-        # slower.)
-        shapes = [(1,) * i + g.shape for i in range(len(parts))]
-        own = [lax.optimization_barrier(g.reshape(shape)).reshape(g.shape) for shape in shapes]
-        return tuple(gi.astype(part_dtype) for gi in own)
-
-    return jax.custom_derivatives.linear_call(summed, transposed, None, parts)
+        total = first
+        for small, expand in terms:
+            if small is not None:
+                total = total + expand(small)
+        return total.astype(dtype)
+    total = first.astype(dtype)
+    for small, expand in terms:
+        if small is not None:
+            total, small = lax.optimization_barrier((total, small))
+            total = total + expand(small).astype(dtype)
+    return total
 
 
 def _broadcast_feature(p: Array, ndim: int, feature_axes: tuple[int, ...]) -> Array:
