@@ -1124,13 +1124,16 @@ def _standardize_op(
             def set_terms(cpu: bool) -> Callable[[], Array]:
                 def terms() -> Array:
                     if reduce_x_minus_sample:
-                        # xhat * c as ((x - s) - (mean - s)) * (inv * c), with s a
-                        # sample of the set that nothing else subtracts. The
-                        # transpose then reduces g * ((x - s) - (mean - s)),
-                        # which XLA fuses into the reduction; g * xhat it wrote
-                        # out in full. (As a difference of two products, the
-                        # transpose reduced g twice, from one float32 copy of a
-                        # bfloat16 g: batch norm 65536x64 temp 16 MB -> 2 KB.)
+                        # xhat * c as (x - s) * (inv * c) - (mean - s) * (inv * c),
+                        # with s a sample of the set that nothing else subtracts.
+                        # The transpose then reduces g * (x - s), which XLA fuses
+                        # into the reduction; g * xhat it wrote out in full. With
+                        # the terms apart, as one product, ((x - s) - (mean - s))
+                        # * (inv * c): of two, the transpose reduced g twice from
+                        # one float32 conversion of a bfloat16 g, written out
+                        # (batch norm 65536x64 temp 16 MB -> 2 KB). Not so for
+                        # float16, where one product wrote more out (64x32x32x64
+                        # temp 32 -> 48 MB), nor float32 (no gain measured).
                         # float32 fwd+bwd: instance norm 32x32x32x128 9.6 -> 8.5
                         # ms, group norm 9.9 -> 11.1 (so not there). A converted x
                         # is converted again for this term alone
@@ -1144,7 +1147,10 @@ def _standardize_op(
                         xs, sample = _own_conversion(x, cdt, sample)
 
                         def times_xhat(c: Array) -> Array:
-                            return ((xs - sample) - mean_from_sample) * (inv * c)
+                            if cpu and split_cotangent:
+                                return ((xs - sample) - mean_from_sample) * (inv * c)
+                            coef = inv * c
+                            return (xs - sample) * coef - mean_from_sample * coef
 
                     elif cpu and large and x.dtype != cdt:
                         # Group norm, bfloat16: the full-size term's xhat of its
