@@ -928,6 +928,31 @@ def test_large_bfloat16_gradient_keeps_no_float32_copy(name, width, buffers):
     assert temp < (buffers + 0.25) * x.size * 4
 
 
+def test_layer_norm_long_rows_gradient_writes_no_broadcast_of_the_scale():
+    # Rows of more than 1024 on the CPU: the row sum sum(g * scale) takes the
+    # scale through a barrier of its own. Sharing the input gradient's
+    # broadcast of it, XLA wrote that out in full for the sum: a third
+    # full-size float32 buffer beside xhat's and the gradient itself (512x4096
+    # fwd+bwd took 1.3-1.5x the time with it). The gradients are the closed
+    # form's.
+    shape = (256, 4096)
+    x = jnp.asarray(_normal(40, shape), jnp.float32)
+    g = jnp.asarray(_normal(41, shape), jnp.float32)
+    scale, bias = _affine(Case(None, None, shape, shape[-1], None))
+    grad = jax.grad(lambda x, s, b, g: jnp.sum(nj.layer_norm(x, s, b) * g), argnums=(0, 1, 2))
+    dx, dscale, _ = jax.jit(grad)(x, scale, bias, g)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(dx, ref.normalize_grad(x64, g64 * scale, (-1,), 1e-6),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dscale, (g64 * xhat).sum(0), rtol=1e-4, atol=1e-3)
+    hlo = _cpu_hlo(grad, x, scale, bias, g)
+    entry = hlo[hlo.index("\nENTRY"):]
+    full_size = [line for line in entry.splitlines()
+                 if " fusion(" in line and "= f32[256,4096]" in line]
+    assert len(full_size) <= 2, full_size
+
+
 @pytest.mark.parametrize("shape", [(4096, 768), (256, 4096), (65536, 64)])
 def test_layer_norm_float32_gradient_temporary_memory(shape):
     # The target: layer norm's forward+backward keeps at most 0.1x the
