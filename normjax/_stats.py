@@ -1105,6 +1105,10 @@ def _standardize_op(
         dscale_b = None if scale is None else _broadcast_feature(dscale, x.ndim, feature_axes)
         dbias_b = None if bias is None else _broadcast_feature(dbias, x.ndim, feature_axes)
         split_cotangent = _split_cotangent(dtype, cdt)
+
+        def full_size(v: Array) -> Array:
+            return jnp.broadcast_to(v.astype(cdt), x.shape)
+
         if scale is None or factor_scale:
             # dy = mul*dx + xhat*(dscale - mul*mean(xhat*dx)) + (dbias - mul*mean(dx)):
             # one full-size product with xhat, so the transpose reduces g*xhat once
@@ -1168,10 +1172,9 @@ def _standardize_op(
                         def times_xhat(c: Array) -> Array:
                             return xhat * c
 
-                    full = lambda c: jnp.broadcast_to(c, x.shape)  # noqa: E731
                     return _tangent_sum(
                         dtype, cpu and split_cotangent, mul * dxc,
-                        (xhat_coef, times_xhat), (const, full),
+                        (xhat_coef, times_xhat), (const, full_size),
                     )  # fmt: skip
 
                 return terms
@@ -1208,7 +1211,6 @@ def _standardize_op(
                     if cpu and large and (x.dtype == cdt or short_rows or not center):
                         xhat_for_scale = xhat_of_its_own()
                     times_scale = lambda d: xhat_for_scale * d.astype(cdt)  # noqa: E731
-                    full = lambda b: jnp.broadcast_to(b.astype(cdt), x.shape)  # noqa: E731
                     if cpu and large and center and not short_rows:
                         # Layer norm rows of more than 1024: each term times the
                         # scale on its own, two of them through a negation, so that
@@ -1228,14 +1230,14 @@ def _standardize_op(
                             dtype, split_cotangent, direct * scale_b,
                             (mean_xhat_dx, lambda m: via_xhat(m) * (-scale_b)),
                             (mean_dx, lambda m: -((mul * m) * scale_own)),
-                            (dscale_b, times_scale), (dbias_b, full),
+                            (dscale_b, times_scale), (dbias_b, full_size),
                         )  # fmt: skip
                     dy = direct - via_xhat(mean_xhat_dx)
                     if center:
                         dy = dy - mul * mean_dx
                     return _tangent_sum(
                         dtype, cpu and split_cotangent, dy * scale_b,
-                        (dscale_b, times_scale), (dbias_b, full),
+                        (dscale_b, times_scale), (dbias_b, full_size),
                     )  # fmt: skip
 
                 return terms

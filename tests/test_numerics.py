@@ -753,6 +753,19 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype, along):
         assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
 
 
+def _split_path_ops(width: int) -> dict[str, Callable]:
+    """``(x, scale, bias) -> y`` of each derivative path that sums its terms
+    apart (_stats._tangent_sum); layer norm's long rows are its input's."""
+    state = nj.BatchNormState(jnp.full(width, 0.3), jnp.full(width, 2.0), jnp.asarray(3))
+    return {
+        "layer_norm": nj.layer_norm,
+        "layer_norm_long_rows": nj.layer_norm,
+        "batch_norm": lambda x, s, b: nj.batch_norm(x, state, s, b, training=True)[0],
+        "batch_norm_eval": lambda x, s, b: nj.batch_norm(x, state, s, b, training=False)[0],
+        "group_norm": lambda x, s, b: nj.group_norm(x, s, b, num_groups=2),
+    }
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_long_rows", "batch_norm",
                                   "batch_norm_eval", "group_norm"])
 def test_split_cotangent_derivatives_pass_check_grads_to_second_order(name, monkeypatch, request):
@@ -772,16 +785,8 @@ def test_split_cotangent_derivatives_pass_check_grads_to_second_order(name, monk
         rows, width = (512, 2048) if name == "layer_norm_long_rows" else (6, 8)
         x = jnp.asarray(rng.normal(size=(rows, width)) * 2 + 1)
         scale, bias = jnp.asarray(rng.uniform(0.5, 2, width)), jnp.asarray(rng.normal(size=width))
-        state = nj.BatchNormState(jnp.full(width, 0.3), jnp.full(width, 2.0), jnp.asarray(3))
-        ops = {
-            "layer_norm": nj.layer_norm,
-            "layer_norm_long_rows": nj.layer_norm,
-            "batch_norm": lambda x, s, b: nj.batch_norm(x, state, s, b, training=True)[0],
-            "batch_norm_eval": lambda x, s, b: nj.batch_norm(x, state, s, b, training=False)[0],
-            "group_norm": lambda x, s, b: nj.group_norm(x.reshape(2, 3, width), s, b,
-                                                        num_groups=2),
-        }
-        check_grads(jax.jit(ops[name]), (x, scale, bias), order=2, modes=("fwd", "rev"))
+        op = _split_path_ops(width)[name]
+        check_grads(jax.jit(op), (x, scale, bias), order=2, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_long_rows", "batch_norm",
@@ -797,17 +802,10 @@ def test_bfloat16_gradients_of_any_subset_of_arguments_and_under_vmap(name):
     x32 = x32.astype(jnp.bfloat16).astype(jnp.float32)  # the bfloat16 input's values
     g = jnp.asarray(rng.normal(size=x32.shape), jnp.float32)
     scale, bias = jnp.asarray(rng.uniform(0.5, 2, width)), jnp.asarray(rng.normal(size=width))
-    state = nj.BatchNormState(jnp.full(width, 0.3), jnp.full(width, 2.0), jnp.asarray(3))
-    ops = {
-        "layer_norm": nj.layer_norm,
-        "layer_norm_long_rows": nj.layer_norm,
-        "batch_norm": lambda x, s, b: nj.batch_norm(x, state, s, b, training=True)[0],
-        "batch_norm_eval": lambda x, s, b: nj.batch_norm(x, state, s, b, training=False)[0],
-        "group_norm": lambda x, s, b: nj.group_norm(x, s, b, num_groups=2),
-    }
+    op = _split_path_ops(width)[name]
 
     def loss(x, s, b, g):
-        return jnp.sum(ops[name](x, s, b).astype(jnp.float32) * g)
+        return jnp.sum(op(x, s, b).astype(jnp.float32) * g)
 
     for argnums in [(0,), (1,), (2,), (1, 2)]:
         grad = jax.jit(jax.grad(loss, argnums=argnums))
@@ -928,40 +926,19 @@ def test_large_bfloat16_gradient_keeps_no_float32_copy(name, width, buffers):
     assert temp < (buffers + 0.25) * x.size * 4
 
 
-def test_layer_norm_long_rows_gradient_writes_no_broadcast_of_the_scale():
-    # Rows of more than 1024 on the CPU: the row sum sum(g * scale) takes the
-    # scale through a barrier of its own. Sharing the input gradient's
-    # broadcast of it, XLA wrote that out in full for the sum: a third
-    # full-size float32 buffer beside xhat's and the gradient itself (512x4096
-    # fwd+bwd took 1.3-1.5x the time with it). The gradients are the closed
-    # form's.
-    shape = (256, 4096)
-    x = jnp.asarray(_normal(40, shape), jnp.float32)
-    g = jnp.asarray(_normal(41, shape), jnp.float32)
-    scale, bias = _affine(Case(None, None, shape, shape[-1], None))
-    grad = jax.grad(lambda x, s, b, g: jnp.sum(nj.layer_norm(x, s, b) * g), argnums=(0, 1, 2))
-    dx, dscale, _ = jax.jit(grad)(x, scale, bias, g)
-    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
-    xhat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
-    np.testing.assert_allclose(dx, ref.normalize_grad(x64, g64 * scale, (-1,), 1e-6),
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dscale, (g64 * xhat).sum(0), rtol=1e-4, atol=1e-3)
-    hlo = _cpu_hlo(grad, x, scale, bias, g)
-    entry = hlo[hlo.index("\nENTRY"):]
-    full_size = [line for line in entry.splitlines()
-                 if " fusion(" in line and "= f32[256,4096]" in line]
-    assert len(full_size) <= 2, full_size
-
-
 @pytest.mark.parametrize("shape", [(4096, 768), (256, 4096), (65536, 64)])
 def test_layer_norm_float32_gradient_temporary_memory(shape):
     # The issue's target: layer norm's forward+backward keeps at most 0.1x the
     # input's size in temporary memory (Flax's keeps 2x). XLA on the CPU fuses
     # rows of up to 1024 into one kernel once the scale gradient has an xhat of
     # its own; on rows of 4096 the input gradient's terms also take the scale
-    # each on its own, or XLA writes g * scale out (8 MB at 512x4096). On rows
-    # of 64 what remains are per-row statistics, six of them live at once
-    # (1.5 MB of 16 MB; nine before). The gradients are the closed form's.
+    # each on its own, or XLA writes g * scale out (8 MB at 512x4096), and the
+    # row sum sum(g * scale) takes the scale through a barrier of its own:
+    # sharing the input gradient's broadcast of it, XLA wrote that out in
+    # full, a third full-size buffer beside xhat's and the gradient itself
+    # (512x4096 fwd+bwd took 1.3-1.5x the time). On rows of 64 what remains
+    # are per-row statistics, five of them live at once (1.25 MB of 16 MB;
+    # nine before 1c28e72). The gradients are the closed form's.
     x = jnp.asarray(_normal(29, shape), jnp.float32)
     g = jnp.asarray(_normal(30, shape), jnp.float32)
     scale, bias = _affine(Case(None, None, shape, shape[-1], None))
@@ -973,8 +950,12 @@ def test_layer_norm_float32_gradient_temporary_memory(shape):
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dscale, (g64 * xhat).sum(0), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(dbias, g64.sum(0), rtol=1e-4, atol=1e-3)
-    temp = _cpu_compiled(grad, x, scale, bias, g).memory_analysis().temp_size_in_bytes
-    assert temp <= 0.1 * x.size * 4
+    compiled = _cpu_compiled(grad, x, scale, bias, g)
+    assert compiled.memory_analysis().temp_size_in_bytes <= 0.1 * x.size * 4
+    hlo = compiled.as_text()
+    full_size = [line for line in hlo[hlo.index("\nENTRY"):].splitlines()
+                 if " fusion(" in line and f"= f32[{shape[0]},{shape[1]}]" in line]
+    assert len(full_size) <= 2, full_size
 
 
 # ------------------------------------------- large half-precision rows: branch-free path
