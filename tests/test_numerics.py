@@ -704,9 +704,8 @@ def test_forward_mode_derivative_is_the_closed_form(name, shape, dtype, along):
     # within two units of bfloat16's resolution of the sum of the closed
     # form's elementary terms' magnitudes (J dx's split as scale inv (dx -
     # mean(dx) - xhat mean(xhat dx))), about the error a rounding of dx itself
-    # would make.
-    # Along x, where normalization is scale-invariant, J dx is about 0 and
-    # the terms cancel: the bound is the terms', not the result's.
+    # would make. Along x, where normalization is scale-invariant, J dx is
+    # about 0 and the terms cancel: the bound is the terms', not the result's.
     case = ALL_CASES[name]
     x = jnp.asarray(1.0 + 2.0 * _normal(31, shape), dtype)
     dx = jnp.asarray(_normal(32, shape), dtype) if along == "random" else x
@@ -789,34 +788,61 @@ def test_split_cotangent_derivatives_pass_check_grads_to_second_order(name, monk
         check_grads(jax.jit(op), (x, scale, bias), order=2, modes=("fwd", "rev"))
 
 
+def _flax_split_path_ops(width: int) -> dict[str, Callable]:
+    """Flax's layers (stable variance) in the signature of :func:`_split_path_ops`."""
+    stats = {"mean": jnp.full(width, 0.3), "var": jnp.full(width, 2.0)}
+
+    def applied(module, **state):
+        def op(x, s, b):
+            variables = {"params": {"scale": s, "bias": b}, **state}
+            return module.apply(variables, x, mutable=list(state) if state else False)
+        return op
+
+    train = applied(nn.BatchNorm(use_running_average=False, use_fast_variance=False),
+                    batch_stats=stats)
+    layer = applied(nn.LayerNorm(use_fast_variance=False))
+    return {
+        "layer_norm": layer,
+        "layer_norm_long_rows": layer,
+        "batch_norm": lambda x, s, b: train(x, s, b)[0],
+        "batch_norm_eval": lambda x, s, b: nn.BatchNorm(use_running_average=True).apply(
+            {"params": {"scale": s, "bias": b}, "batch_stats": stats}, x),
+        "group_norm": applied(nn.GroupNorm(num_groups=2, use_fast_variance=False)),
+    }
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_long_rows", "batch_norm",
                                   "batch_norm_eval", "group_norm"])
 def test_bfloat16_gradients_of_any_subset_of_arguments_and_under_vmap(name):
     # The derivative's terms apart (_stats._tangent_sum) with the tangents of
     # some arguments zero (a gradient with respect to the parameters alone, or
-    # x alone), and per-example gradients under jax.vmap: each the float32
-    # program's gradient, to bfloat16's resolution.
+    # x alone), and per-example gradients under jax.vmap: each Flax's layer's
+    # gradient in float32 on the same values, to bfloat16's resolution.
     rows, width = (512, 2048) if name == "layer_norm_long_rows" else (16, 8)
     rng = np.random.default_rng(39)
     x32 = jnp.asarray(rng.normal(size=(2, rows, width)) * 2 + 1, jnp.float32)
     x32 = x32.astype(jnp.bfloat16).astype(jnp.float32)  # the bfloat16 input's values
     g = jnp.asarray(rng.normal(size=x32.shape), jnp.float32)
     scale, bias = jnp.asarray(rng.uniform(0.5, 2, width)), jnp.asarray(rng.normal(size=width))
-    op = _split_path_ops(width)[name]
 
-    def loss(x, s, b, g):
-        return jnp.sum(op(x, s, b).astype(jnp.float32) * g)
+    def loss_of(op):
+        return lambda x, s, b, g: jnp.sum(op(x, s, b).astype(jnp.float32) * g)
 
+    loss, flax_loss = loss_of(_split_path_ops(width)[name]), loss_of(
+        _flax_split_path_ops(width)[name])
     for argnums in [(0,), (1,), (2,), (1, 2)]:
-        grad = jax.jit(jax.grad(loss, argnums=argnums))
-        actual = grad(x32[0].astype(jnp.bfloat16), scale, bias, g[0])
-        expected = grad(x32[0], scale, bias, g[0])
+        actual = jax.jit(jax.grad(loss, argnums=argnums))(
+            x32[0].astype(jnp.bfloat16), scale, bias, g[0])
+        expected = jax.jit(jax.grad(flax_loss, argnums=argnums))(x32[0], scale, bias, g[0])
         for a, e in zip(actual, expected, strict=True):
             np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2e-2,
                                        atol=2e-2 * np.abs(e).max())
-    per_example = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None, None, 0)))
-    actual = per_example(x32.astype(jnp.bfloat16), scale, bias, g)
-    expected = per_example(x32, scale, bias, g)
+
+    def per_example(loss):
+        return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None, None, 0)))
+
+    actual = per_example(loss)(x32.astype(jnp.bfloat16), scale, bias, g)
+    expected = per_example(flax_loss)(x32, scale, bias, g)
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2e-2,
                                    atol=2e-2 * np.abs(e).max())
