@@ -223,10 +223,8 @@ class _Sets(NamedTuple):
         """The number of counted entries in each set of an array of ``shape``, in ``dtype``."""
         if self.mask is not None:
             return self.total(self.mask.astype(dtype))
-        n = jnp.full(_reduced_shape(shape, self.axes), self.size(shape), dtype)
-        if self.axis_name is None:
-            return n
-        return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
+        n = self._unmasked_count(shape, dtype)
+        return jnp.broadcast_to(n, _reduced_shape(shape, self.axes))
 
     def safe_count(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """``max(count, 1)``, the divisor of the sets' means: a scalar where
@@ -236,10 +234,14 @@ class _Sets(NamedTuple):
         1.25 MB)."""
         if self.mask is not None:
             return jnp.maximum(self.count(shape, dtype), 1)
+        return jnp.maximum(self._unmasked_count(shape, dtype), 1)
+
+    def _unmasked_count(self, shape: tuple[int, ...], dtype: Any) -> Array:
+        """Every set's count without a mask, the same for all: a scalar."""
         n = jnp.asarray(self.size(shape), dtype)
-        if self.axis_name is not None:
-            n = lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
-        return jnp.maximum(n, 1)
+        if self.axis_name is None:
+            return n
+        return lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
 
     def sample(self, x: Array, k: int = 0) -> Array:
         """One entry of each set (no gradient), the same on every device.
