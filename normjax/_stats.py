@@ -1193,10 +1193,25 @@ def _standardize_op(
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
                     direct = (jnp.abs(mul) if cpu else mul) * dxc
-                    def via_xhat(mean_xhat_dx: Array) -> Array:
-                        return xhat * (mul * mean_xhat_dx)
-
                     short_rows = sets.size(x.shape) <= 1024
+                    long_rows = cpu and large and center and not short_rows
+                    # bfloat16 rows of more than 1024: the row sum's xhat of its
+                    # own too (with the scale gradient's, below), from statistics
+                    # of its own. With one xhat for the row sum and the scale
+                    # gradient's column sum, XLA on the CPU wrote it out in
+                    # float32; with an own xhat for one of them only, the other's
+                    # (and the output's) wrote full-size broadcasts of the shared
+                    # statistics out instead. fwd+bwd temp: 512x4096 8 -> 0.01
+                    # MB, 2048x2048 16 -> 0.06 MB. (float16 16 -> 24 MB: not there.)
+                    own_row_xhat = long_rows and split_cotangent
+
+                    def via_xhat(mean_xhat_dx: Array) -> Array:
+                        if not own_row_xhat:
+                            return xhat * (mul * mean_xhat_dx)
+                        own = (inv, stats.shift, stats.offset)
+                        x_own, (inv_own, shift_own, offset_own) = _own_conversion(x, cdt, own)
+                        return (((x_own - shift_own) - offset_own) * inv_own) * (mul * mean_xhat_dx)
+
                     # On large inputs, the scale gradient's xhat of its own: XLA on
                     # the CPU then computes it inside the scale gradient's
                     # reduction instead of writing one xhat out for both. fwd+bwd
@@ -1208,12 +1223,14 @@ def _standardize_op(
                     # expression cost the 10-layer MLP's training step (128x256)
                     # 3-6%; nor on layer norm's bfloat16 rows of more than 1024,
                     # which XLA does not fuse into one kernel anyway (512x4096:
-                    # temp 24 MB either way, 3.5 -> 3.8 ms).
+                    # temp 24 MB either way, 3.5 -> 3.8 ms), except with the row
+                    # sum's own xhat (own_row_xhat).
                     xhat_for_scale = xhat
-                    if cpu and large and (x.dtype == cdt or short_rows or not center):
+                    own_scale_xhat = x.dtype == cdt or short_rows or not center or own_row_xhat
+                    if cpu and large and own_scale_xhat:
                         xhat_for_scale = xhat_of_its_own()
                     times_scale = lambda d: xhat_for_scale * d.astype(cdt)  # noqa: E731
-                    if cpu and large and center and not short_rows:
+                    if long_rows:
                         # Layer norm rows of more than 1024: each term times the
                         # scale on its own, two of them through a negation, so that
                         # the transpose's two row sums and the input gradient each

@@ -902,14 +902,16 @@ def test_bfloat16_batch_norm_evaluation_derivatives_are_the_closed_form(shape):
 
 
 @pytest.mark.parametrize("name, width, buffers", [
-    ("layer_norm", 64, 0), ("rms_norm", 64, 0), ("rms_norm", 4096, 1), ("group_norm", 64, 0)])
+    ("layer_norm", 64, 0), ("layer_norm", 4096, 0), ("rms_norm", 64, 0), ("rms_norm", 4096, 1),
+    ("group_norm", 64, 0)])
 def test_large_bfloat16_gradient_keeps_no_float32_copy(name, width, buffers):
     # On inputs of 2^20 entries or more, the derivative computes the xhat of
     # one of its full-size terms from a conversion of x of its own (the scale
     # gradient's for layer and RMS norm, the input gradient's for group norm),
     # and each kernel that reads the bfloat16 cotangent converts it itself
-    # (_stats._tangent_sum). So XLA on the CPU writes out no float32 buffer of
-    # x's size (RMS norm's rows of 4096: one; three before both): past 32 MB
+    # (_stats._tangent_sum); layer norm's rows of 4096 also the row sum's xhat.
+    # So XLA on the CPU writes out no float32 buffer of x's size (RMS norm's
+    # rows of 4096: one; three before both; layer norm's: one before): past 32 MB
     # every call page-faults on all of its temporary memory. The gradients
     # with respect to x, the scale and the bias are the closed form's.
     x = jnp.asarray(1.0 + 2.0 * _normal(27, (2**20 // width, width)), jnp.bfloat16)
