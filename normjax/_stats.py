@@ -95,7 +95,10 @@ def check_floating(x: Any, name: str = "x") -> Array:
 
 def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     """Normalizes ``axes`` to sorted non-negative ints, checking the range."""
-    axes_seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    try:
+        axes_seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.") from None
     out = []
     for a in axes_seq:
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
@@ -111,9 +114,49 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_epsilon(epsilon: float) -> None:
-    if not (isinstance(epsilon, (int, float, np.floating)) and epsilon > 0):
-        raise ValueError(f"`epsilon` must be a positive number, got {epsilon!r}.")
+def static_number(value: Any, name: str) -> float:
+    """``value`` as a Python float: a Python or numpy real number, or a concrete
+    0-d array (``jnp.float32(1e-5)``, as Flax accepts); TypeError naming
+    ``name`` for a traced value, and ValueError for anything else."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a static number, got a traced value ({value}): pass it as a "
+            f"Python number, not as an argument of a jitted or transformed function."
+        )
+    real = (int, float, np.integer, np.floating, np.ndarray, jax.Array)
+    if (
+        isinstance(value, real)
+        and not isinstance(value, (bool, np.bool_))
+        and np.ndim(value) == 0
+        and (jnp.issubdtype(jnp.result_type(value), jnp.integer)
+             or jnp.issubdtype(jnp.result_type(value), jnp.floating))
+    ):  # fmt: skip
+        return float(value)
+    raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` as a float; ValueError unless it is a positive, finite number."""
+    try:
+        value = static_number(epsilon, "epsilon")
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"`epsilon` must be a positive, finite number, got {epsilon!r}.")
+    return value
+
+
+def check_output_dtype(dtype: Any) -> jnp.dtype | None:
+    """``dtype`` (the output's, None for x's) as a floating dtype, or TypeError."""
+    if dtype is None:
+        return None
+    try:
+        out = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"`dtype` must be a floating-point dtype or None, got {dtype!r}.") from None
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating-point dtype or None, got {out}.")
+    return out
 
 
 def group_count(channels: int, num_groups: Any, group_size: Any) -> int:

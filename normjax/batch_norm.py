@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -55,7 +56,19 @@ def batch_norm_state(
     Returns:
       A :class:`BatchNormState`.
     """
-    shape = (feature_shape,) if isinstance(feature_shape, (int, np.integer)) else feature_shape
+    single = isinstance(feature_shape, (int, np.integer))
+    try:
+        shape = (feature_shape,) if single else tuple(feature_shape)
+    except TypeError:
+        shape = (None,)
+    whole = [isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape]
+    if not all(whole) or any(d < 0 for d in shape):
+        raise TypeError(
+            "`feature_shape` must be a non-negative int or a sequence of them, got "
+            f"{feature_shape!r}."
+        )
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype)}.")
     shape = tuple(int(d) for d in shape)
     return BatchNormState(
         jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32)
@@ -64,10 +77,14 @@ def batch_norm_state(
 
 class _Prepared(NamedTuple):
     x: Array
+    state: BatchNormState
     feature_axes: tuple[int, ...]
     reduction_axes: tuple[int, ...]
     feature_shape: tuple[int, ...]
     mask: Array | None
+    epsilon: float
+    momentum: float | None
+    dtype: Any
 
 
 def _prepare(
@@ -82,6 +99,7 @@ def _prepare(
     epsilon: float,
     mask: Array | None,
     axis_name: Hashable | None,
+    dtype: Any,
 ) -> _Prepared:
     """Validates every argument at trace time; returns the canonical pieces."""
     x = _stats.check_floating(x)
@@ -90,15 +108,16 @@ def _prepare(
     feature_axes = _stats.canonicalize_axes(axis, x.ndim, "axis")
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     fshape = _stats.feature_shape(x.shape, feature_axes)
-    if momentum is not None and not (
-        isinstance(momentum, (int, float, np.floating)) and 0 <= momentum < 1
-    ):
-        raise ValueError(f"`momentum` must be in [0, 1) or None, got {momentum!r}.")
-    _stats.check_epsilon(epsilon)
-    if not isinstance(state, BatchNormState):
-        raise TypeError(
-            f"`state` must be a BatchNormState (see batch_norm_state), got {type(state).__name__}."
-        )
+    if momentum is not None:
+        try:
+            value = _stats.static_number(momentum, "momentum")
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < 1:
+            raise ValueError(f"`momentum` must be in [0, 1) or None, got {momentum!r}.")
+        momentum = value
+    epsilon = _stats.check_epsilon(epsilon)
+    state = _checked_state(state)
     _stats.check_param_shape(state.mean, fshape, "state.mean")
     _stats.check_param_shape(state.var, fshape, "state.var")
     _stats.check_param_shape(scale, fshape, "scale")
@@ -112,7 +131,27 @@ def _prepare(
             f"({per_feature} value per feature). Use a larger batch, or layer_norm / "
             f"group_norm, which do not depend on the batch."
         )
-    return _Prepared(x, feature_axes, reduction_axes, fshape, mask)
+    out_dtype = x.dtype if dtype is None else _stats.check_output_dtype(dtype)
+    return _Prepared(
+        x, state, feature_axes, reduction_axes, fshape, mask, epsilon, momentum, out_dtype
+    )
+
+
+def _checked_state(state: Any) -> BatchNormState:
+    """``state`` with floating statistics and an int32 scalar count (a Python int
+    is taken as one); TypeError naming the field otherwise."""
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState (see batch_norm_state), got {type(state).__name__}."
+        )
+    mean = _stats.check_floating(state.mean, "state.mean")
+    var = _stats.check_floating(state.var, "state.var")
+    count = jnp.asarray(state.count)
+    if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+        raise TypeError(
+            f"`state.count` must be an integer scalar, got {count.dtype} of shape {count.shape}."
+        )
+    return BatchNormState(mean, var, count.astype(jnp.int32))
 
 
 def _update_state(
@@ -223,25 +262,28 @@ def batch_norm(
       ``(y, new_state)``.
 
     Raises:
-      TypeError: ``x`` is not floating, ``state`` is not a BatchNormState.
+      TypeError: ``x`` or ``dtype`` is not floating; ``state`` is not a
+        BatchNormState, or holds non-floating statistics or a count that is
+        not an integer scalar; a traced ``momentum`` or ``epsilon``.
       ValueError: ``axis`` out of range; state, scale, bias or mask of the wrong
-        shape; momentum outside [0, 1); epsilon <= 0; one value per feature in
-        training.
+        shape; momentum outside [0, 1); epsilon not a positive, finite number;
+        one value per feature in training.
     """
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype,
     )  # fmt: skip
-    out_dtype = p.x.dtype if dtype is None else dtype
     if not training:
-        stats = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
-        return _stats.normalize(p.x, stats, scale, bias, p.feature_axes, out_dtype), state
+        stats = _stats.running_moments(
+            p.state.mean, p.state.var, p.epsilon, p.feature_axes, p.x
+        )
+        return _stats.normalize(p.x, stats, scale, bias, p.feature_axes, p.dtype), p.state
     y, stats = _stats.standardize(
-        p.x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=epsilon, mask=p.mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=out_dtype,
+        p.x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=p.epsilon, mask=p.mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=p.dtype,
     )  # fmt: skip
     new_state = _update_state(
-        state, stats, p.feature_shape, momentum=momentum, debias=debias,
+        p.state, stats, p.feature_shape, momentum=p.momentum, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     return y, new_state
@@ -292,10 +334,8 @@ def batch_renorm(
 
     Reference: Ioffe, NeurIPS 2017, arXiv:1702.03275, Algorithm 1.
     """
-    if not (isinstance(r_max, (int, float, np.floating)) and r_max >= 1):
-        raise ValueError(f"`r_max` must be a number >= 1, got {r_max!r}.")
-    if not (isinstance(d_max, (int, float, np.floating)) and d_max >= 0):
-        raise ValueError(f"`d_max` must be a number >= 0, got {d_max!r}.")
+    r_max = _bound(r_max, "r_max", 1)
+    d_max = _bound(d_max, "d_max", 0)
     if not training:
         return batch_norm(
             x, state, scale, bias, training=False, axis=axis, momentum=momentum,
@@ -303,9 +343,9 @@ def batch_renorm(
         )  # fmt: skip
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype,
     )  # fmt: skip
-    out_dtype = p.x.dtype if dtype is None else dtype
+    state = p.state
     sets = {"mask": p.mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
     # r and d need the batch statistics first; the output then comes from
     # standardize with r and d folded into scale and bias, so that it is
@@ -315,8 +355,8 @@ def batch_renorm(
     # took 5-10x batch norm's forward+backward time; now the same time (float32
     # and bfloat16 64x32x32x64, forward and forward+backward), the statistics'
     # second computation included.
-    batch = _stats.moments(lax.stop_gradient(p.x), p.reduction_axes, epsilon=epsilon, **sets)
-    running = _stats.running_moments(state.mean, state.var, epsilon, p.feature_axes, p.x)
+    batch = _stats.moments(lax.stop_gradient(p.x), p.reduction_axes, epsilon=p.epsilon, **sets)
+    running = _stats.running_moments(state.mean, state.var, p.epsilon, p.feature_axes, p.x)
     # Correct only where both sides have statistics: a set the mask hides
     # entirely has none (inv_std 0) and normalizes to the bias, as in batch_norm.
     correct = (state.count > 0) & (batch.inv_std > 0)
@@ -338,10 +378,22 @@ def batch_renorm(
         corrected_bias = corrected_bias + bias.astype(d.dtype)
     y, batch = _stats.standardize(
         p.x, p.reduction_axes, p.feature_axes, corrected_scale, corrected_bias,
-        epsilon=epsilon, dtype=out_dtype, **sets,
+        epsilon=p.epsilon, dtype=p.dtype, **sets,
     )  # fmt: skip
     new_state = _update_state(
-        state, batch, p.feature_shape, momentum=momentum, debias=debias,
+        state, batch, p.feature_shape, momentum=p.momentum, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     return y, new_state
+
+
+def _bound(value: Any, name: str, least: float) -> float:
+    """A renorm clipping bound as a float (inf allowed: no clipping); ValueError
+    unless it is a number >= ``least``."""
+    try:
+        bound = _stats.static_number(value, name)
+    except ValueError:
+        bound = math.nan
+    if not bound >= least:
+        raise ValueError(f"`{name}` must be a number >= {least}, got {value!r}.")
+    return bound

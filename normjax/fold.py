@@ -51,16 +51,17 @@ def fold_batch_norm(
     Raises:
       TypeError: a non-floating kernel; a state that is not a BatchNormState.
       ValueError: shapes that do not match the kernel's output features;
-        epsilon <= 0.
+        epsilon not a positive, finite number.
     """
     kernel = _stats.check_floating(kernel, "kernel")
     if kernel.ndim < 2:
         raise ValueError(f"`kernel` must have at least 2 dimensions, got shape {kernel.shape}.")
-    _stats.check_epsilon(epsilon)
+    epsilon = _stats.check_epsilon(epsilon)
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"`state` must be a BatchNormState, got {type(state).__name__}; for Flax "
-            f"batch_stats write BatchNormState(stats['mean'], stats['var'], stats['count'])."
+            f"batch_stats write BatchNormState(stats['mean'], stats['var'], count=0) (the "
+            f"count is not used here)."
         )
     out = (kernel.shape[-1],)
     for name, value in (
@@ -76,5 +77,8 @@ def fold_batch_norm(
     new_bias = (layer_bias - state.mean.astype(dtype)) * multiplier
     if bn_bias is not None:
         new_bias = new_bias + bn_bias.astype(dtype)
-    new_kernel = (kernel.astype(dtype) * multiplier).astype(kernel.dtype)
+    # Explicitly along the output axis: an implicit rank promotion fails where
+    # jax_numpy_rank_promotion is "raise".
+    per_output = multiplier.reshape((1,) * (kernel.ndim - 1) + out)
+    new_kernel = (kernel.astype(dtype) * per_output).astype(kernel.dtype)
     return new_kernel, new_bias.astype(kernel.dtype if bias is None else bias.dtype)

@@ -46,7 +46,8 @@ def _normalize_over(
     x = _stats.check_floating(x)
     reduction = _stats.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = _stats.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
-    _stats.check_epsilon(epsilon)
+    epsilon = _stats.check_epsilon(epsilon)
+    dtype = _stats.check_output_dtype(dtype)
     fshape = _stats.feature_shape(x.shape, features)
     _stats.check_param_shape(scale, fshape, "scale")
     _stats.check_param_shape(bias, fshape, "bias")
@@ -92,9 +93,10 @@ def layer_norm(
       The normalized array.
 
     Raises:
-      TypeError: ``x`` is not floating.
+      TypeError: ``x`` or ``dtype`` is not floating; axes that are not ints;
+        a traced ``epsilon``.
       ValueError: axes out of range, scale/bias/mask of the wrong shape,
-        epsilon <= 0.
+        epsilon not a positive, finite number.
 
     Reference: Ba, Kiros and Hinton 2016, arXiv:1607.06450.
     """
@@ -179,10 +181,9 @@ def group_norm(
       The normalized array.
 
     Raises:
-      TypeError: ``x`` is not floating.
+      TypeError: as :func:`layer_norm`.
       ValueError: both or neither of num_groups and group_size; a group count
-        or size that does not divide the channels; axes out of range;
-        scale/bias/mask of the wrong shape; epsilon <= 0.
+        or size that does not divide the channels; and as :func:`layer_norm`.
 
     Reference: Wu and He, ECCV 2018, arXiv:1803.08494.
     """

@@ -587,7 +587,7 @@ def test_mask_not_broadcastable_names_shapes():
     _assert_names_shapes(excinfo, (4, 3), (4, 2))
 
 
-@pytest.mark.parametrize("momentum", [1.0, 1.5, -0.1])
+@pytest.mark.parametrize("momentum", [1.0, 1.5, -0.1, float("nan"), True, "0.9"])
 def test_momentum_out_of_range(momentum):
     with pytest.raises(ValueError, match="momentum"):
         nj.batch_norm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True, momentum=momentum)
@@ -603,13 +603,74 @@ def test_momentum_zero_is_allowed_and_takes_the_batch():
     _close(state.mean, ref.batch_stats(x)[0])
 
 
-@pytest.mark.parametrize("epsilon", [0.0, -1e-5])
+@pytest.mark.parametrize("epsilon", [0.0, -1e-5, float("nan"), float("inf"), "1e-5"])
 def test_epsilon_not_positive(epsilon):
     with pytest.raises(ValueError, match="epsilon"):
         nj.batch_norm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True, epsilon=epsilon)
     with pytest.raises(ValueError, match="epsilon"):
         nj.batch_renorm(jnp.ones((4, 3)), nj.batch_norm_state(3), training=True,
                         epsilon=epsilon)
+
+
+@pytest.mark.parametrize("box", [np.float32, jnp.float32, jnp.asarray, np.asarray])
+def test_concrete_scalar_hyperparameters_equal_python_numbers(box):
+    # Flax's BatchNorm takes momentum=jnp.float32(0.9); so do these, as the
+    # Python number they hold.
+    x = _normal(64, (8, 3))
+    state = nj.BatchNormState(jnp.asarray([0.5, -1.0, 2.0]), jnp.asarray([1.0, 4.0, 0.25]),
+                              jnp.asarray(3, jnp.int32))
+    for op, extra in ((nj.batch_norm, {}), (nj.batch_renorm, {"r_max": 2.0, "d_max": 0.5})):
+        boxed = {k: box(v) for k, v in extra.items()}
+        expected = op(x, state, training=True, momentum=0.9, epsilon=1e-3, **extra)
+        actual = op(x, state, training=True, momentum=box(0.9), epsilon=box(1e-3), **boxed)
+        chex.assert_trees_all_equal(actual, expected)
+
+
+def test_traced_hyperparameters_are_a_clear_type_error():
+    x, state = jnp.ones((4, 3)), nj.batch_norm_state(3)
+    for name in ("momentum", "epsilon"):
+        run = jax.jit(lambda v, name=name: nj.batch_norm(x, state, training=True, **{name: v}))
+        with pytest.raises(TypeError, match=f"`{name}` must be a static number"):
+            run(0.5)
+    with pytest.raises(TypeError, match="`r_max` must be a static number"):
+        jax.jit(lambda v: nj.batch_renorm(x, state, training=True, r_max=v))(2.0)
+
+
+def test_state_fields_are_checked():
+    x = _normal(65, (6, 3))
+    mean, var = jnp.asarray([0.5, -1.0, 2.0]), jnp.asarray([1.0, 4.0, 0.25])
+    with pytest.raises(TypeError, match=r"`state.mean` must be a floating-point array.*int32"):
+        nj.batch_norm(x, nj.BatchNormState(mean.astype(jnp.int32), var, 0), training=True)
+    with pytest.raises(TypeError, match=r"`state.var` must be a floating-point array.*int32"):
+        nj.batch_norm(x, nj.BatchNormState(mean, var.astype(jnp.int32), 0), training=False)
+    with pytest.raises(TypeError, match=r"`state.count` must be an integer scalar"):
+        nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.zeros(3, jnp.int32)), training=True)
+    with pytest.raises(TypeError, match=r"`state.count` must be an integer scalar, got float32"):
+        nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.float32(2)), training=True)
+    # A Python int count is an int32 scalar.
+    expected = nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.asarray(2, jnp.int32)),
+                             training=True)
+    actual = nj.batch_norm(x, nj.BatchNormState(mean, var, 2), training=True)
+    chex.assert_trees_all_equal(actual, expected)
+
+
+@pytest.mark.parametrize("feature_shape", [6.0, None, (3, -1), (2, 3.0), True])
+def test_batch_norm_state_arguments_are_checked(feature_shape):
+    with pytest.raises(TypeError, match="`feature_shape` must be a non-negative int"):
+        nj.batch_norm_state(feature_shape)
+
+
+def test_batch_norm_state_dtype_must_be_floating():
+    with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype, got int32"):
+        nj.batch_norm_state(3, jnp.int32)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_dtype_must_be_floating(training):
+    x, state = jnp.ones((4, 3)), nj.batch_norm_state(3)
+    for op in (nj.batch_norm, nj.batch_renorm):
+        with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype.*int32"):
+            op(x, state, training=training, dtype=jnp.int32)
 
 
 def test_batch_of_one_in_training():

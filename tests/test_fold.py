@@ -159,3 +159,21 @@ def test_a_flax_batch_stats_dict_as_state_is_a_clear_error():
     stats = {"mean": jnp.zeros(4), "var": jnp.ones(4), "count": jnp.asarray(1)}
     with pytest.raises(TypeError, match=r"`state` must be a BatchNormState, got dict"):
         nj.fold_batch_norm(jnp.ones((3, 4)), None, stats, None, None)
+
+
+def test_fold_under_rank_promotion_raise():
+    # Users who set jax_numpy_rank_promotion="raise" get the same fold: the
+    # per-output multiplier is broadcast explicitly.
+    kernel = jnp.asarray(np.random.default_rng(91).normal(size=(3, 3, 2, 4)), jnp.float32)
+    mean, var = jnp.asarray([0.5, -1.0, 2.0, 0.0]), jnp.asarray([1.0, 4.0, 0.25, 2.0])
+    state = nj.BatchNormState(mean, var, jnp.asarray(1, jnp.int32))
+    scale, bn_bias = jnp.asarray([1.0, 2.0, -1.0, 0.5]), jnp.asarray([0.0, 1.0, 2.0, 3.0])
+    expected = nj.fold_batch_norm(kernel, None, state, scale, bn_bias)
+    with jax.numpy_rank_promotion("raise"):
+        actual = nj.fold_batch_norm(kernel, None, state, scale, bn_bias)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(a, e)
+    inv = np.asarray(scale) / np.sqrt(np.asarray(var, np.float64) + 1e-5)
+    np.testing.assert_allclose(actual[0], np.asarray(kernel) * inv, rtol=1e-6)
+    np.testing.assert_allclose(actual[1], (0 - np.asarray(mean)) * inv + np.asarray(bn_bias),
+                               rtol=1e-6)

@@ -388,13 +388,37 @@ _OPS = {
 
 
 @pytest.mark.parametrize("op", list(_OPS))
+def test_concrete_scalar_epsilon_equals_the_python_number(op):
+    x = _normal(90, (2, 3, 4))
+    expected = _OPS[op](x, epsilon=1e-2)
+    for box in (np.float32, jnp.float32, jnp.asarray):
+        chex.assert_trees_all_equal(_OPS[op](x, epsilon=box(1e-2)), expected)
+    with pytest.raises(TypeError, match="`epsilon` must be a static number"):
+        jax.jit(lambda e: _OPS[op](x, epsilon=e))(1e-2)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_output_dtype_must_be_floating(op):
+    with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype.*int32"):
+        _OPS[op](jnp.ones((2, 3, 4)), dtype=jnp.int32)
+
+
+def test_axes_of_the_wrong_type_are_a_clear_type_error():
+    x = jnp.ones((2, 3, 4))
+    with pytest.raises(TypeError, match=r"`reduction_axes` must be an int or a sequence of ints"):
+        nj.layer_norm(x, reduction_axes=1.0)
+    with pytest.raises(TypeError, match=r"`feature_axes` must be an int or a sequence of ints"):
+        nj.layer_norm(x, feature_axes=None)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
 def test_integer_input_is_a_type_error(op):
     with pytest.raises(TypeError, match="int32"):
         _OPS[op](jnp.ones((2, 3, 4), jnp.int32))
 
 
 @pytest.mark.parametrize("op", list(_OPS))
-@pytest.mark.parametrize("epsilon", [0.0, -1.0])
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, float("nan"), float("inf"), "1e-5"])
 def test_epsilon_not_positive(op, epsilon):
     with pytest.raises(ValueError, match="epsilon"):
         _OPS[op](jnp.ones((2, 3, 4)), epsilon=epsilon)
