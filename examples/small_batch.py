@@ -32,7 +32,8 @@ which never look across the batch, do not depend on it; batch renorm, which
 trains with statistics pulled toward the running ones, narrows the gap but
 still depends on the batch. Finally a training step of batch norm on a batch
 of 1: the dense layer then has one value per feature and no variance, and
-normjax raises a clear ValueError (printed).
+normjax raises a clear ValueError (printed). Group and layer norm train at a
+batch of 1 too (``--norms group layer --batch-sizes 1 2 4``).
 
 Outputs in ``--out`` (default ``out/small_batch``): ``results.json``,
 ``results.csv`` (one row per normalization and batch size) and
@@ -290,10 +291,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if min(args.batch_sizes) < 2:
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    by_batch = [n for n in args.norms if n in ("batch", "renorm")]
+    if min(args.batch_sizes) < 2 and by_batch:
         parser.error(
-            f"--batch-sizes must be at least 2 (batch norm needs two values per feature), "
-            f"got {args.batch_sizes}; the batch of 1 is shown separately"
+            f"--batch-sizes must be at least 2 for --norms {' '.join(by_batch)} (batch "
+            f"statistics need two values per feature; the batch of 1 is shown separately), "
+            f"got {args.batch_sizes}; group and layer norm take a batch of 1"
         )
     return args
 

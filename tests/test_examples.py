@@ -88,10 +88,14 @@ def test_small_batch_table_and_batch_of_one_error(tmp_path):
     assert _is_png(tmp_path / "accuracy_vs_batch.png")
 
 
-def test_small_batch_rejects_batch_of_one_on_the_command_line(tmp_path):
+def test_small_batch_rejects_batch_of_one_on_the_command_line(tmp_path, capsys):
     small_batch = _import_example("small_batch")
     with pytest.raises(SystemExit):
         small_batch.main(["--batch-sizes", "1", "--out", str(tmp_path)])
+    assert "at least 2 for --norms batch renorm" in capsys.readouterr().err
+    # Group and layer norm do not depend on the batch: a batch of 1 is theirs to show.
+    args = small_batch.parse_args(["--norms", "group", "layer", "--batch-sizes", "1", "8"])
+    assert args.batch_sizes == [1, 8]
 
 
 def test_adding_problem_matches_its_definition():
