@@ -1246,7 +1246,9 @@ def _standardize_op(
                     # (and the output's) wrote full-size broadcasts of the shared
                     # statistics out instead. fwd+bwd temp: 512x4096 8 -> 0.01
                     # MB, 2048x2048 16 -> 0.06 MB. (float16 16 -> 24 MB: not there.)
-                    own_row_xhat = long_rows and split_cotangent
+                    # Not under a mask, whose xhat must stay the masked one (see
+                    # xhat above).
+                    own_row_xhat = long_rows and split_cotangent and mask is None
 
                     def via_xhat(mean_xhat_dx: Array) -> Array:
                         if not own_row_xhat:

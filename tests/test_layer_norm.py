@@ -583,13 +583,16 @@ def test_hidden_non_finite_entries_leave_the_gradient_of_the_rest_alone(fill, ce
     _close(grad_scale, expected_scale, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, length", [(1024, 1024), (256, 4096)])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
-def test_hidden_nan_entries_of_large_inputs_give_flaxs_gradient_of_zero_padding(center, dtype):
+def test_hidden_nan_entries_of_large_inputs_give_flaxs_gradient_of_zero_padding(
+    center, dtype, rows, length
+):
     # Inputs of 2^20 entries or more take the derivative's rewrites for the
-    # CPU, which convert x again for terms of their own. The reference is
-    # Flax's own layer on zero padding (on NaN padding, Flax's is all NaN).
-    rows, length = 1024, 1024
+    # CPU, which convert x again for terms of their own (and rows of more than
+    # 1024 more of them). The reference is Flax's own layer on zero padding (on
+    # NaN padding, Flax's is all NaN).
     x = _normal(77, (rows, length), loc=0.5)
     mask = np.arange(length)[None, :] < (np.arange(rows)[:, None] % length + 1)
     scale, cot = _normal(78, (length,)), _normal(79, (rows, length))
