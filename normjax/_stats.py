@@ -114,36 +114,32 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def static_number(value: Any, name: str) -> float:
-    """``value`` as a Python float: a Python or numpy real number, or a concrete
-    0-d array (``jnp.float32(1e-5)``, as Flax accepts); TypeError naming
-    ``name`` for a traced value, and ValueError for anything else."""
+def static_number(value: Any, name: str, valid: Callable[[float], bool], expected: str) -> float:
+    """``value`` as a Python float where ``valid`` holds: a Python or numpy real
+    number, or a concrete 0-d array (``jnp.float32(0.9)``, as Flax takes one).
+    TypeError naming ``name`` for a traced value; ValueError saying what was
+    ``expected`` for anything else (a bool, a string, NaN, out of range)."""
     if isinstance(value, jax.core.Tracer):
         raise TypeError(
             f"`{name}` must be a static number, got a traced value ({value}): pass it as a "
             f"Python number, not as an argument of a jitted or transformed function."
         )
+    number = math.nan
     real = (int, float, np.integer, np.floating, np.ndarray, jax.Array)
-    if (
-        isinstance(value, real)
-        and not isinstance(value, (bool, np.bool_))
-        and np.ndim(value) == 0
-        and (jnp.issubdtype(jnp.result_type(value), jnp.integer)
-             or jnp.issubdtype(jnp.result_type(value), jnp.floating))
-    ):  # fmt: skip
-        return float(value)
-    raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    if isinstance(value, real) and not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0:
+        kind = np.asarray(value).dtype
+        if np.issubdtype(kind, np.integer) or jnp.issubdtype(kind, jnp.floating):
+            number = float(value)
+    if not valid(number):
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+    return number
 
 
 def check_epsilon(epsilon: Any) -> float:
-    """``epsilon`` as a float; ValueError unless it is a positive, finite number."""
-    try:
-        value = static_number(epsilon, "epsilon")
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise ValueError(f"`epsilon` must be a positive, finite number, got {epsilon!r}.")
-    return value
+    """``epsilon`` as a float: a positive, finite number (see :func:`static_number`)."""
+    return static_number(
+        epsilon, "epsilon", lambda v: 0 < v < math.inf, "a positive, finite number"
+    )
 
 
 def check_output_dtype(dtype: Any) -> jnp.dtype | None:

@@ -13,7 +13,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -109,13 +108,9 @@ def _prepare(
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     fshape = _stats.feature_shape(x.shape, feature_axes)
     if momentum is not None:
-        try:
-            value = _stats.static_number(momentum, "momentum")
-        except ValueError:
-            value = math.nan
-        if not 0 <= value < 1:
-            raise ValueError(f"`momentum` must be in [0, 1) or None, got {momentum!r}.")
-        momentum = value
+        momentum = _stats.static_number(
+            momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1) or None"
+        )
     epsilon = _stats.check_epsilon(epsilon)
     state = _checked_state(state)
     _stats.check_param_shape(state.mean, fshape, "state.mean")
@@ -334,8 +329,9 @@ def batch_renorm(
 
     Reference: Ioffe, NeurIPS 2017, arXiv:1702.03275, Algorithm 1.
     """
-    r_max = _bound(r_max, "r_max", 1)
-    d_max = _bound(d_max, "d_max", 0)
+    # inf: no clipping.
+    r_max = _stats.static_number(r_max, "r_max", lambda v: v >= 1, "a number >= 1")
+    d_max = _stats.static_number(d_max, "d_max", lambda v: v >= 0, "a number >= 0")
     if not training:
         return batch_norm(
             x, state, scale, bias, training=False, axis=axis, momentum=momentum,
@@ -386,14 +382,3 @@ def batch_renorm(
     )  # fmt: skip
     return y, new_state
 
-
-def _bound(value: Any, name: str, least: float) -> float:
-    """A renorm clipping bound as a float (inf allowed: no clipping); ValueError
-    unless it is a number >= ``least``."""
-    try:
-        bound = _stats.static_number(value, name)
-    except ValueError:
-        bound = math.nan
-    if not bound >= least:
-        raise ValueError(f"`{name}` must be a number >= {least}, got {value!r}.")
-    return bound
