@@ -63,10 +63,11 @@ def _path_names(path: tuple[Any, ...]) -> list[str]:
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         # A flax.nnx Variable flattens to its `.value`; the variable's own path names it.
         path = path[:-1]
-    names = [_key_name(k) for k in path]
-    if names and names[0] in _COLLECTION_NAMES:
-        names = names[1:]
-    return names
+    return [_key_name(k) for k in path]
+
+
+def _without_collection(names: list[str]) -> list[str]:
+    return names[1:] if names and names[0] in _COLLECTION_NAMES else names
 
 
 def _natural_key(names: list[str]) -> tuple[tuple[tuple[int, int | str], ...], ...]:
@@ -83,7 +84,8 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     """Computes the L2 (Frobenius) norm of every array in a gradient pytree.
 
     Keys are the leaves' paths joined by ``/``, without a leading Flax collection
-    name: ``{"params": {"Dense_0": {"kernel": g}}}`` gives ``"Dense_0/kernel"``; a
+    name (unless two leaves would then share a key, which keep theirs):
+    ``{"params": {"Dense_0": {"kernel": g}}}`` gives ``"Dense_0/kernel"``; a
     ``flax.nnx`` gradient State gives ``"layers/0/kernel"`` (no trailing ``value``).
     Entries come in layer order: path components are compared with their numbers
     read as numbers, so ``Dense_10`` follows ``Dense_9``. (``jax.grad`` returns dicts
@@ -91,8 +93,10 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     ``Dense_1`` then ``BatchNorm_1``, cannot be recovered from the gradients; layers
     of one type, or layers named ``block_<i>``, come out in call order.)
 
-    Norms are accumulated in float64 on the host, so gradients as small as 1e-30
-    (deep sigmoid networks reach that) do not underflow to 0 as float32 squares would.
+    Norms are accumulated in float64 on the host (complex128 for complex
+    leaves, whose norm counts the imaginary parts), so gradients as small as
+    1e-30 (deep sigmoid networks reach that) do not underflow to 0 as float32
+    squares would.
     Leaves of dtype ``float0``, the gradients of integer leaves under
     ``jax.grad(..., allow_int=True)`` (normjax's ``batch_stats/count``), are left out.
 
@@ -124,8 +128,15 @@ def gradient_norms(grads: Any) -> dict[str, float]:
                 f"gradient_norms: every leaf of `grads` must be a numeric array; the leaf at "
                 f"{'/'.join(names)!r} has dtype {value.dtype} ({type(leaf).__name__})"
             )
-        norm = float(np.linalg.norm(value.astype(np.float64).ravel()))
+        wide = np.complex128 if jnp.issubdtype(value.dtype, jnp.complexfloating) else np.float64
+        norm = float(np.linalg.norm(value.astype(wide).ravel()))
         entries.append((names, norm))
+    # The collection name is dropped only where no two leaves would then share
+    # a key (a "kernel" under both "params" and another collection keeps it).
+    short = [tuple(_without_collection(names)) for names, _ in entries]
+    clash = {key for key in short if short.count(key) > 1}
+    entries = [(list(key) if key not in clash else names, norm)
+               for key, (names, norm) in zip(short, entries, strict=True)]  # fmt: skip
     entries.sort(key=lambda entry: _natural_key(entry[0]))
     return {"/".join(names): norm for names, norm in entries}
 
@@ -287,7 +298,7 @@ def activation_stats(
         intermediates = state.get("intermediates", {})
         for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
             # Flax stores each call's output under <module path>/<method>/<call index>.
-            names = tuple(_path_names(path))
+            names = tuple(_without_collection(_path_names(path)))
             if names[:-1] in captured_calls:
                 captured.setdefault(names[:-2], []).append(jnp.ravel(leaf))
         stats = {}

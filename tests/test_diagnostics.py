@@ -82,6 +82,22 @@ def test_gradient_norms_keeps_a_non_params_top_level_name_and_names_list_entries
     assert diagnostics.gradient_norms(grads) == {"encoder/0": 5.0, "encoder/1": 13.0}
 
 
+def test_gradient_norms_keeps_the_collection_name_where_dropping_it_would_merge_leaves():
+    grads = {"params": {"Dense_0": {"kernel": jnp.array([3.0, 4.0])}},
+             "batch_stats": {"Dense_0": {"kernel": jnp.array([5.0, 12.0])}},
+             "other": {"w": jnp.array([1.0])}}
+    assert diagnostics.gradient_norms(grads) == {
+        "batch_stats/Dense_0/kernel": 13.0, "params/Dense_0/kernel": 5.0, "other/w": 1.0}
+    # A top-level leaf named like a collection's leaf.
+    grads = {"params": {"w": jnp.array([3.0, 4.0])}, "w": jnp.ones(1)}
+    assert diagnostics.gradient_norms(grads) == {"params/w": 5.0, "w": 1.0}
+
+
+def test_gradient_norms_of_complex_leaves_count_their_imaginary_parts():
+    norms = diagnostics.gradient_norms({"params": {"a": jnp.array([3 + 4j, 0 + 12j])}})
+    assert norms == {"a": pytest.approx(13.0, rel=1e-12)}
+
+
 def test_gradient_norms_does_not_underflow_for_tiny_float32_gradients():
     # 1e-30 squared is below float32's smallest subnormal (~1.4e-45): a float32
     # sum of squares gives 0, the float64 norm gives sqrt(n) * 1e-30.
