@@ -231,7 +231,11 @@ def activation_stats(
     which Flax's ``capture_intermediates`` cannot see. So this captures the output of
     each *pre-activation layer* (by default every ``nn.Dense``; pass e.g.
     ``layers=normjax.linen.BatchNorm`` for Dense -> BatchNorm -> activation blocks)
-    and applies ``activation`` to it, which gives exactly what the model computed.
+    and applies ``activation`` to it in that output's dtype, as the model does.
+    (The captured output is rounded to its dtype where XLA may have fused the
+    layer and the activation: a bfloat16 model's statistics agree with its own
+    output's to bfloat16's resolution.) Layers whose output is a tuple raise a
+    ValueError.
     Leave the output layer out of ``layers`` (e.g. with a callable filter on
     ``module.name``), or ignore its entry: its output is not activated.
 
@@ -301,9 +305,17 @@ def activation_stats(
             names = tuple(_without_collection(_path_names(path)))
             if names[:-1] in captured_calls:
                 captured.setdefault(names[:-2], []).append(jnp.ravel(leaf))
+            elif any(names[: len(call)] == call for call in captured_calls):
+                raise ValueError(
+                    f"activation_stats: the layer at {'/'.join(names[:-3]) or '(top)'!r} returns "
+                    f"a tuple or pytree, not one array; `layers` must select the layers whose "
+                    f"output is the pre-activation"
+                )
         stats = {}
         for layer, outputs in captured.items():
-            y = function(jnp.concatenate(outputs).astype(jnp.float32))
+            # The activation in the layer's own dtype, as the model applies it;
+            # the statistics in float32.
+            y = function(jnp.concatenate(outputs)).astype(jnp.float32)
             saturated = (
                 jnp.mean(rule(y, saturation_threshold)) if rule else jnp.array(jnp.nan, y.dtype)
             )
@@ -372,8 +384,11 @@ def plot_gradient_norms(
     fig = Figure(figsize=(max(6.0, 0.45 * len(layer_names) + 3.0), 5.5), layout="constrained")
     ax = fig.subplots()
     for i, (run_name, norms) in enumerate(runs.items()):
-        xs = [positions[name] for name in norms]
-        ys = [v if np.isfinite(v) and v > 0 else np.nan for v in norms.values()]
+        # Left to right, so that a run whose layers differ from the others' is
+        # not drawn back across the axis.
+        points = sorted((positions[name], value) for name, value in norms.items())
+        xs = [x for x, _ in points]
+        ys = [v if np.isfinite(v) and v > 0 else np.nan for _, v in points]
         # Ten colors, then the same colors dashed, so more than ten runs stay distinct.
         color, style = f"C{i % 10}", ("-", "--", ":")[(i // 10) % 3]
         ax.plot(xs, ys, color=color, linestyle=style, marker="o", markersize=3, label=run_name)

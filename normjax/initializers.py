@@ -213,7 +213,8 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
 
     Raises:
       ValueError: if ``nonlinearity`` is unknown, or ``param`` is not a finite
-        real number (bools are rejected, as PyTorch does).
+        real number. A bool is rejected whatever the nonlinearity (a flag
+        passed as a slope is a bug); PyTorch rejects one for leaky ReLU only.
 
     References:
       ``torch.nn.init.calculate_gain``; He et al. (2015), Delving deep into
@@ -223,7 +224,8 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     if slope is None or not math.isfinite(slope):
         raise ValueError(f"param (negative slope) must be a finite real number, got {param!r}.")
     if nonlinearity == "leaky_relu":
-        return math.sqrt(2.0 / (1.0 + slope**2))
+        # sqrt(2 / (1 + a^2)), without squaring a: 1e200**2 overflows a float.
+        return math.sqrt(2.0) / math.hypot(1.0, slope)
     if isinstance(nonlinearity, str) and nonlinearity in _FIXED_GAINS:
         return _FIXED_GAINS[nonlinearity]
     raise ValueError(

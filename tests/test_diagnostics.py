@@ -386,6 +386,47 @@ def test_activation_stats_bad_input_gives_clear_errors():
         )
 
 
+
+class _PairOfDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(x), nn.Dense(4)(x)
+
+
+class _SumOfPair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a, b = _PairOfDense()(x)
+        return a + b
+
+
+def test_activation_stats_names_a_layer_whose_output_is_a_tuple():
+    model, x = _SumOfPair(), jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="'_PairOfDense_0' returns a tuple"):
+        diagnostics.activation_stats(model, variables, x, activation="relu", layers=_PairOfDense)
+
+
+class _Bfloat16Sigmoid(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.sigmoid(nn.Dense(64, dtype=jnp.bfloat16)(x))
+
+
+def test_activation_stats_of_a_bfloat16_model_match_its_output():
+    # Reference: the model's own jitted output, summarized in float64. XLA may
+    # fuse the Dense and the sigmoid without rounding in between, where the
+    # captured output is rounded to bfloat16: agreement to bfloat16's resolution.
+    model, x = _Bfloat16Sigmoid(), jax.random.normal(jax.random.key(2), (256, 16)) * 3
+    variables = model.init(jax.random.key(3), x)
+    y = np.asarray(jax.jit(model.apply)(variables, x), np.float64)
+    stats = diagnostics.activation_stats(model, variables, x, activation="sigmoid")["Dense_0"]
+    resolution = float(jnp.finfo(jnp.bfloat16).eps)
+    assert stats.mean == pytest.approx(y.mean(), rel=resolution)
+    assert stats.std == pytest.approx(y.std(), rel=resolution)
+    assert stats.saturated_fraction == pytest.approx(np.mean((y <= 0.01) | (y >= 0.99)), abs=0.01)
+
+
 # ---------------------------------------------------------------- plot_gradient_norms
 
 
@@ -407,6 +448,25 @@ def test_plot_gradient_norms_without_matplotlib_names_the_examples_extra(tmp_pat
     with pytest.raises(ImportError, match=r'pip install "normjax\[examples\]"'):
         diagnostics.plot_gradient_norms({"a": {"Dense_0/kernel": 1.0}}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_gradient_norms_draws_each_run_left_to_right(tmp_path, monkeypatch):
+    # A run whose layers differ from the first run's: its new layer goes at the
+    # end of the axis, and its line must still run left to right.
+    import matplotlib.axes
+
+    drawn = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(self, xs, ys, *args, label=None, **kwargs):
+        drawn[label] = (list(xs), list(ys))
+        return plot(self, xs, ys, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    runs = {"dense": {"Dense_0/kernel": 1.0, "Dense_1/kernel": 2.0},
+            "other": {"Conv_0/kernel": 3.0, "Dense_1/kernel": 4.0}}
+    diagnostics.plot_gradient_norms(runs, tmp_path / "norms.png")
+    assert drawn == {"dense": ([0, 1], [1.0, 2.0]), "other": ([1, 2], [4.0, 3.0])}
 
 
 def test_plot_gradient_norms_rejects_no_runs(tmp_path):
