@@ -635,13 +635,14 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     """:class:`Moments` without a branch or a select, as exact as the guarded
     path (centered, or with ``center=False`` the mean square).
 
-    The shift is the mean from a first pass, rounded to x's
-    precision: for a constant set that is its value, so that the
-    set is exactly constant; otherwise it is within half a unit in x's last
-    place of the mean. The second pass sums the deviations from the shift
-    (the offset, Chan, Golub and LeVeque's correction) and their squares, so
-    nothing cancels. The first pass sums x scaled by about 1 / n, so that it
-    cannot overflow; the second sums the deviations scaled likewise.
+    The shift is the mean from a first pass, rounded to x's precision (for
+    float32 x, a sample of the set plus the mean deviation from it): for a
+    constant set that is its value, so that the set is exactly constant;
+    otherwise it is within about half a unit in x's last place of the mean.
+    The second pass sums the deviations from the shift (the offset, Chan,
+    Golub and LeVeque's correction) and their squares, so nothing cancels.
+    The first pass sums x scaled by about 1 / n, so that it cannot overflow;
+    the second sums the deviations scaled likewise.
 
     The squares are summed twice, plainly (the sum clipped at float32's
     largest) and downscaled (see _DOWNSCALE), and each sum gives a
