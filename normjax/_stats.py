@@ -656,17 +656,20 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
         scale = 2.0 ** -math.ceil(math.log2(size))
         if raw.dtype == x.dtype:
             # float32 x (off the CPU): a sample of the set plus the mean of the
-            # deviations from it, each divided by n (no overflow; a constant
-            # set's shift is exactly its value). A sum, not a sum times 1 / n:
-            # XLA fuses a per-set product into each kernel that reads it, and
-            # LLVM contracts x - sum * c into one multiply-add with the
-            # unrounded product, so the offset's kernel subtracted a shift half
-            # a unit of the mean's last place away from the one the statistics
-            # carry (batch norm gradients at mean 1e4, 48 rows: 5.7e-5 of their
-            # size, not 2.6e-7).
+            # deviations from it. The deviations are differences of x and the
+            # sample times a power of two (exact, and no overflow), so a
+            # constant set's are exactly 0 and its shift exactly its value;
+            # each is divided by n before the sum, not the sum after it: XLA
+            # fuses a per-set product into each kernel that reads it, and LLVM
+            # contracts x - sum * c into one multiply-add with the unrounded
+            # product, so the offset's kernel subtracted a shift half a unit of
+            # the mean's last place away from the one the statistics carry
+            # (batch norm gradients at mean 1e4, 48 rows: 5.7e-5 of their size,
+            # not 2.6e-7). (x / n - sample / n, inexact products, it contracted
+            # too: a constant set of 140 had a variance of 3e-22.)
             sample = sets.sample(x, 0)
-            deviations = sets.total(x * (1 / size) - sample * (1 / size))
-            shift = lax.stop_gradient(sample + deviations)
+            deviations = (x * scale - sample * scale) * (1 / (size * scale))
+            shift = lax.stop_gradient(sample + sets.total(deviations))
         else:
             # x scaled by a power of two near 1 / n (it costs the forward
             # 10-20%), and the mean rounded to x's dtype by a conversion, not

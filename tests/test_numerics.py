@@ -153,6 +153,24 @@ def test_large_mean_keeps_the_precision_of_the_gradient(name, paths, request):
     assert error < 1e-6, error
 
 
+@pytest.mark.parametrize("paths", ["platform", "off-cpu"])
+@pytest.mark.parametrize("shape", [(140, 3), (4, 5, 7, 3), (48, 3)])
+def test_constant_sets_of_any_size_have_exactly_zero_variance(shape, paths, request):
+    # Off the CPU, a float32 shift from products by an inexact 1 / n was
+    # contracted into multiply-adds: a constant set of 140 read a variance of
+    # 3e-22 and an offset of one ulp, which the running variance then kept.
+    if paths == "off-cpu":
+        request.getfixturevalue("off_cpu_paths")
+    x = jnp.full(shape, 3.7, jnp.float32)
+    axes = tuple(range(len(shape) - 1))
+    stats = jax.jit(lambda x: nj._stats.moments(x, axes, epsilon=1e-5))(x)
+    assert (np.asarray(stats.var) == 0).all() and (np.asarray(stats.offset) == 0).all()
+    y, state = jax.jit(lambda x: nj.batch_norm(x, nj.batch_norm_state(3), training=True))(x)
+    assert (np.asarray(y) == 0).all()
+    np.testing.assert_array_equal(state.var, 0.0)
+    np.testing.assert_array_equal(state.mean, np.float32(3.7))
+
+
 @pytest.mark.parametrize("name", ["batch_norm", "group_norm", "instance_norm"])
 @pytest.mark.parametrize("outliers", [(30.0, -50.0, 1e3), (0.0, 0.0, 0.0), (-7.0, 7.0, -7.0)])
 def test_outlying_shift_samples_keep_the_precision(name, outliers):
