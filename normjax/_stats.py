@@ -1129,15 +1129,20 @@ def _standardize_op(
                 mul = inv * scale_b
         rms_with_scale = not center and scale is not None and not factor_scale
         if rms_with_scale and x.dtype == cdt and mask is None:
-            # RMS norm: mean(x * dx) * inv_std, so that the transpose reduces x
+            # RMS norm: mean(x * (inv_std dx)), so that the transpose reduces x
             # itself; XLA wrote the xhat it shares with the output's gradient out
             # in full (float32 fwd+bwd 512x4096: temp 8 -> 0 MB, 3.5 -> 2.3 ms;
-            # 1024x1024: 1.06 -> 0.77 ms). A converted x needs a conversion of
+            # 1024x1024: 1.06 -> 0.77 ms). inv_std times dx, not times the
+            # mean: the transpose then multiplied x by the cotangent times
+            # inv_std^2, which underflows for |x| above ~1e17 (dx off by 10-30%
+            # at 1e19-1e30, float32 and large bfloat16); float32 rows of 4096
+            # pay 1.15-1.25x for it (still 0.74-0.80x Flax's), the other
+            # norms.py shapes 0.9-1.05x. A converted x needs a conversion of
             # its own for it, or XLA writes a float32 copy of x out (bfloat16
             # 4096x768: temp 12 -> 24 MB, 4.0 -> 5.9 ms). Not under a mask, where
             # the masked xhat above is the faster (a select on x here: 16x128x512
             # fwd+bwd 1.19-1.39x, temp 9 -> 12 MB).
-            mean_xhat_dx = counted_mean(xc * dxc) * inv
+            mean_xhat_dx = counted_mean(xc * (inv * dxc))
         elif rms_with_scale and large:
             # bfloat16 RMS norm, large: the same on the CPU, from a conversion of
             # x of its own (with the scale gradient's own xhat, see row_terms).
@@ -1153,7 +1158,7 @@ def _standardize_op(
                         # the form without the select (0.74x Flax); the masked
                         # xhat in its place, 1.35-1.39x.
                         x_own = jnp.where(mask | jnp.isfinite(x_own), x_own, 0)
-                    return counted_mean(x_own * dxc) * inv_own
+                    return counted_mean(x_own * (inv_own * dxc))
 
                 return mean
 

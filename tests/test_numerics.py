@@ -286,6 +286,24 @@ def test_magnitude_1e30_is_finite_and_normalized(name, loc):
     np.testing.assert_allclose(y, case.reference(x, scale, bias), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (6, 48)), (np.float32, (1024, 1024)),
+                                          (jnp.bfloat16, (1024, 1024))])
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_rms_norm_gradient_with_scale_at_large_magnitudes(dtype, shape, magnitude):
+    # The derivative's mean(x * dx) times inv_std: its transpose multiplied x by
+    # the cotangent times inv_std^2, which underflows past |x| ~ 1e17, and dx
+    # was off by 10-30% of its size. The float64 closed form, as reference.
+    x = jnp.asarray(_normal(31, shape) * magnitude, dtype)
+    g = jnp.asarray(_normal(32, shape), dtype)
+    scale = jnp.asarray(1.0 + 0.5 * _normal(33, (shape[-1],)), jnp.float32)
+    dx = jax.jit(lambda x, g: jax.vjp(lambda x: nj.rms_norm(x, scale), x)[1](g)[0])(x, g)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    g64 = np.asarray(g.astype(jnp.float32), np.float64) * np.asarray(scale, np.float64)
+    expected = ref.rms_normalize_grad(x64, g64, (-1,), 1e-6)
+    error = np.abs(np.asarray(dx.astype(jnp.float32), np.float64) - expected).max()
+    assert error <= 2 * float(jnp.finfo(dtype).eps) * np.abs(expected).max(), error
+
+
 def test_magnitude_1e30_jit():
     x = (1e30 * _normal(4, (4, 64))).astype(np.float32)
     y = np.asarray(jax.jit(nj.layer_norm)(x), np.float64)
