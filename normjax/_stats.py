@@ -142,16 +142,17 @@ def check_epsilon(epsilon: Any) -> float:
     )
 
 
-def check_output_dtype(dtype: Any) -> jnp.dtype | None:
-    """``dtype`` (the output's, None for x's) as a floating dtype, or TypeError."""
+def check_float_dtype(dtype: Any) -> jnp.dtype | None:
+    """``dtype`` (an output's or a state's; None for the default) as a floating
+    dtype, or TypeError."""
     if dtype is None:
         return None
     try:
         out = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"`dtype` must be a floating-point dtype or None, got {dtype!r}.") from None
+        raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype!r}.") from None
     if not jnp.issubdtype(out, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating-point dtype or None, got {out}.")
+        raise TypeError(f"`dtype` must be a floating-point dtype, got {out}.")
     return out
 
 

@@ -55,19 +55,19 @@ def batch_norm_state(
     Returns:
       A :class:`BatchNormState`.
     """
-    single = isinstance(feature_shape, (int, np.integer))
+    def size(d: Any) -> bool:
+        return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+
     try:
-        shape = (feature_shape,) if single else tuple(feature_shape)
+        shape = (feature_shape,) if size(feature_shape) else tuple(feature_shape)
     except TypeError:
         shape = (None,)
-    whole = [isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape]
-    if not all(whole) or any(d < 0 for d in shape):
+    if not all(map(size, shape)):
         raise TypeError(
             "`feature_shape` must be a non-negative int or a sequence of them, got "
             f"{feature_shape!r}."
         )
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype)}.")
+    dtype = _stats.check_float_dtype(dtype)
     shape = tuple(int(d) for d in shape)
     return BatchNormState(
         jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32)
@@ -126,7 +126,7 @@ def _prepare(
             f"({per_feature} value per feature). Use a larger batch, or layer_norm / "
             f"group_norm, which do not depend on the batch."
         )
-    out_dtype = x.dtype if dtype is None else _stats.check_output_dtype(dtype)
+    out_dtype = x.dtype if dtype is None else _stats.check_float_dtype(dtype)
     return _Prepared(
         x, state, feature_axes, reduction_axes, fshape, mask, epsilon, momentum, out_dtype
     )

@@ -47,7 +47,7 @@ def _normalize_over(
     reduction = _stats.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = _stats.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     epsilon = _stats.check_epsilon(epsilon)
-    dtype = _stats.check_output_dtype(dtype)
+    dtype = _stats.check_float_dtype(dtype)
     fshape = _stats.feature_shape(x.shape, features)
     _stats.check_param_shape(scale, fshape, "scale")
     _stats.check_param_shape(bias, fshape, "bias")
