@@ -304,6 +304,54 @@ def test_rms_norm_gradient_with_scale_at_large_magnitudes(dtype, shape, magnitud
     assert error <= 2 * float(jnp.finfo(dtype).eps) * np.abs(expected).max(), error
 
 
+# Batch norm's sets of a whole batch (instance norm's sets of H x W keep the
+# plain form, and its limits: benchmarks/README.md).
+_WIDE_SETS = {
+    "rows": (lambda x: _bn(x, None, None), (4096, 8), (0,), 1e-5),
+    "images": (lambda x: _bn(x, None, None), (4, 32, 32, 8), (0, 1, 2), 1e-5),
+}
+
+
+@pytest.mark.parametrize("paths", ["platform", "off-cpu"])
+@pytest.mark.parametrize("name", list(_WIDE_SETS))
+def test_gradient_of_sets_whose_deviations_sum_past_float32s_range(name, paths, request):
+    # The derivative's sample term: its transpose summed g * (x - sample) over
+    # each set, 1e6 * 1e32 * sqrt(4096) here, past float32's 3.4e38, and every
+    # gradient of the set was NaN (as it was for a cotangent of 1 at std 1e36
+    # on sets of 65536). The float64 closed form, as reference.
+    if paths == "off-cpu":
+        request.getfixturevalue("off_cpu_paths")
+    op, shape, axes, epsilon = _WIDE_SETS[name]
+    x = (1e32 * _normal(34, shape)).astype(np.float32)
+    g = (1e6 * _normal(35, shape)).astype(np.float32)
+    dx = np.asarray(jax.jit(lambda x, g: jax.vjp(op, x)[1](g)[0])(x, g), np.float64)
+    expected = ref.normalize_grad(x, g, axes, epsilon)
+    assert np.isfinite(dx).all()
+    assert np.abs(dx - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("paths", ["platform", "off-cpu"])
+@pytest.mark.parametrize("name", list(_WIDE_SETS))
+def test_forward_mode_derivative_of_sets_of_std_1e20(name, paths, request):
+    # Forward mode multiplied the sample term's deviations (about 1e20) by
+    # inv_std times a per-set coefficient (1e-20 times 1e-20), which is below
+    # float32's smallest normal number and was flushed: 2.6% off. The float64
+    # closed form, d/dt normalize(x + t dx), as reference.
+    if paths == "off-cpu":
+        request.getfixturevalue("off_cpu_paths")
+    op, shape, axes, epsilon = _WIDE_SETS[name]
+    x = (1e20 * _normal(36, shape)).astype(np.float32)
+    dx = _normal(37, shape).astype(np.float32)
+    tangent = np.asarray(jax.jit(lambda x, dx: jax.jvp(op, (x,), (dx,))[1])(x, dx), np.float64)
+    x64, dx64 = x.astype(np.float64), dx.astype(np.float64)
+    mean, var, _ = ref.masked_moments(x64, axes)
+    inv_std = 1 / np.sqrt(var + epsilon)
+    xhat = (x64 - mean) * inv_std
+    expected = inv_std * (dx64 - dx64.mean(axes, keepdims=True)
+                          - xhat * (xhat * dx64).mean(axes, keepdims=True))
+    assert np.abs(tangent - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
 def test_magnitude_1e30_jit():
     x = (1e30 * _normal(4, (4, 64))).astype(np.float32)
     y = np.asarray(jax.jit(nj.layer_norm)(x), np.float64)
