@@ -309,6 +309,14 @@ class _Sets(NamedTuple):
         first = lax.axis_index(self.axis_name) == 0
         return lax.psum(jnp.where(first, x, 0), self.axis_name)
 
+    def largest_counted(self, x: Array) -> Array:
+        """The largest counted entry of each set (no gradient), on all
+        devices; 0 for a set with none."""
+        top = self.reduce(jnp.where(self.mask, x, -jnp.inf), jnp.max)
+        if self.axis_name is not None:
+            top = lax.pmax(top, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return lax.stop_gradient(jnp.where(top == -jnp.inf, 0, top))
+
     def all_agree(self, flag: Array) -> Array:
         """``flag`` and'ed over all devices and all ``vmap`` examples: the one
         predicate of a ``lax.cond`` (see :func:`_and_over_vmap`); every device
@@ -517,42 +525,39 @@ def _two_passes(
     """
     mask = sets.mask
     inv_n = 1 / safe_n
+
+    def counted(v: Array) -> Array:
+        return v if mask is None else jnp.where(mask, v, 0)
+
+    # One entry of each set as the shift: a constant set is then exactly
+    # constant (offset 0, variance 0).
     if mask is None:
-        # One sample of the data as the shift: a constant set is then exactly
-        # constant (offset 0, variance 0).
         shift = sets.sample(raw, 0).astype(dtype)
-        # The deviations from it summed as x p - shift p, p a power of two at
-        # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor this
-        # device's sum can overflow, where x - shift can (entries of opposite
-        # signs near float32's largest).
-        p = 2.0 ** -(math.ceil(math.log2(max(sets.size(raw.shape), 1))) + 1)
-        x, shift = _own_conversion(raw, dtype, shift)
-        offset = sets.total(x * p - shift * p) * (inv_n / p)
-        # The squares and the output subtract the mean (in dtype, then what is
-        # left of it), not the sample: x minus the mean cannot overflow. And an
-        # expression of its own, where the sample shift was shared with the
-        # first sum (see _distinct_shifts).
-        mean = lax.stop_gradient(shift + offset)
-        shift, offset = mean, (shift - mean) + offset
-
-        def mean_square(x: Array, downscale: Array) -> Array:
-            e = ((x - shift) - offset) * downscale
-            return sets.total(lax.square(e)) / safe_n
-
     else:
-        # A hidden entry may hold anything (NaN, 1e30), so the shift is the mean
-        # of the counted entries, and the offset corrects for its rounding
-        # (Chan, Golub and LeVeque's corrected two-pass algorithm).
-        # (Entries / n summed, as above.)
+        # A hidden entry may hold anything (NaN, 1e30): the largest counted
+        # entry. The masked mean (sum of x / n) it replaces was rounded: a
+        # masked constant set of 1e4 normalized to 1.16, not 0, at epsilon
+        # 1e-20, and sets of std about one unit in the last place of their
+        # mean took the variance 46 units off.
         x, inv_n = _own_conversion(raw, dtype, inv_n)
-        shift = lax.stop_gradient(sets.total(jnp.where(mask, x * inv_n, 0)))
-        x, shift = _own_conversion(raw, dtype, shift)
-        offset = sets.total(jnp.where(mask, (x - shift) * inv_n, 0))
+        shift = sets.largest_counted(x)
+    # The deviations from it summed as x p - shift p, p a power of two at
+    # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor this
+    # device's sum can overflow, where x - shift can (entries of opposite
+    # signs near float32's largest).
+    p = 2.0 ** -(math.ceil(math.log2(max(sets.size(raw.shape), 1))) + 1)
+    x, shift = _own_conversion(raw, dtype, shift)
+    offset = sets.total(counted(x * p - shift * p)) * (inv_n / p)
+    # The squares and the output subtract the mean (in dtype, then what is
+    # left of it), not the sample: x minus the mean cannot overflow. And an
+    # expression of its own, where the sample shift was shared with the
+    # first sum (see _distinct_shifts).
+    mean = lax.stop_gradient(shift + offset)
+    shift, offset = mean, (shift - mean) + offset
 
-        def mean_square(x: Array, downscale: Array) -> Array:
-            d = jnp.where(mask, (x - shift) * downscale, 0)
-            squares = sets.total(lax.square(d)) / safe_n
-            return jnp.maximum(squares - lax.square(offset * downscale), 0)
+    def mean_square(x: Array, downscale: Array) -> Array:
+        e = counted(((x - shift) - offset) * downscale)
+        return sets.total(lax.square(e)) / safe_n
 
     downscale = _downscale_for_squares(sum_squares)
     x, downscale = _own_conversion(raw, dtype, downscale)

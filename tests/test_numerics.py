@@ -691,6 +691,37 @@ def test_statistics_of_masked_hard_rows_are_exact(fill):
     _assert_exact_statistics(stats, ms, counted)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm"])
+@pytest.mark.parametrize("size", [37, 1000])
+def test_masked_sets_of_std_near_the_means_resolution(op, size):
+    # Data of mean 1e4 whose std is 0.3 to 3 units in the last place of the
+    # mean, and a constant set. The masked shift was the sum of x / n, rounded
+    # several units off: the variance about it lost 46 units, and the constant
+    # set normalized to 1.16 instead of 0 (epsilon 1e-20). The float64 masked
+    # closed form, as reference.
+    rng = np.random.default_rng(38)
+    std = np.array([0.0, 3e-4, 1e-3, 3e-3])[:, None].repeat(8, 0)
+    x = (1e4 + std * rng.standard_normal((32, size))).astype(np.float32)
+    mask = rng.random(x.shape) < 0.7
+    mask[:, 0] = True
+    x = np.where(mask, x, np.nan).astype(np.float32)
+    if op == "layer_norm":
+        y = jax.jit(lambda x, m: nj.layer_norm(x, mask=m, epsilon=1e-20))(x, mask)
+        axes = (1,)
+    else:
+        x, mask = x.T, mask.T
+        y = jax.jit(lambda x, m: nj.batch_norm(
+            x, nj.batch_norm_state(32), training=True, mask=m, epsilon=1e-20)[0])(x, mask)
+        axes = (0,)
+    x64 = x.astype(np.float64)
+    mean, var, _ = ref.masked_moments(x64, axes, mask)
+    expected = np.where(mask, (x64 - mean) / np.sqrt(var + 1e-20), 0)
+    error = np.abs(np.where(mask, np.asarray(y, np.float64), 0) - expected)
+    constant = np.broadcast_to(var == 0, x.shape)  # the first 8 sets, and any by chance
+    assert constant.sum() >= 8 * size and (error[constant] == 0).all()
+    assert error.max() <= 8 * 2.0**-24 * np.abs(expected).max()
+
+
 def test_the_cpu_takes_the_branch_free_path_only_for_large_bfloat16_rows_of_layer_norm():
     def conditionals(x, center):
         return _cpu_hlo(lambda x: nj._stats.moments(x, (1,), epsilon=1e-6, center=center),
