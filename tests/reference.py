@@ -317,6 +317,15 @@ def normalize_grad(
     return (g - g_mean - x_hat * gx_mean) * inv_std
 
 
+def normalize_jvp(
+    x: np.ndarray, tangent: np.ndarray, reduce_axes: Axes, epsilon: float
+) -> np.ndarray:
+    """d/dt of (x + t dx - mean) / sqrt(var + eps) at t = 0, statistics over
+    `reduce_axes`: (dx - mean(dx) - xhat * mean(xhat * dx)) / sqrt(var + eps),
+    the same operator as :func:`normalize_grad` (it is symmetric)."""
+    return normalize_grad(x, tangent, reduce_axes, epsilon)
+
+
 def rms_normalize_grad(
     x: np.ndarray, cotangent: np.ndarray, reduce_axes: Axes, epsilon: float
 ) -> np.ndarray:

@@ -314,42 +314,29 @@ _WIDE_SETS = {
 
 @pytest.mark.parametrize("paths", ["platform", "off-cpu"])
 @pytest.mark.parametrize("name", list(_WIDE_SETS))
-def test_gradient_of_sets_whose_deviations_sum_past_float32s_range(name, paths, request):
-    # The derivative's sample term: its transpose summed g * (x - sample) over
-    # each set, 1e6 * 1e32 * sqrt(4096) here, past float32's 3.4e38, and every
-    # gradient of the set was NaN (as it was for a cotangent of 1 at std 1e36
-    # on sets of 65536). The float64 closed form, as reference.
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_batch_norm_derivatives_at_extreme_std(name, mode, paths, request):
+    # The derivative's sample term. Reverse mode: its transpose summed g * (x -
+    # sample) over each set, 1e6 * 1e32 * sqrt(4096) here, past float32's
+    # 3.4e38, and every gradient of the set was NaN (as for a cotangent of 1 at
+    # std 1e36 on sets of 65536). Forward mode (std 1e20, tangents of 1): it
+    # multiplied deviations of 1e20 by inv_std times a per-set coefficient,
+    # 1e-20 * 1e-20, below float32's smallest normal number and flushed: 2.6%
+    # off. The float64 closed forms, as reference.
     if paths == "off-cpu":
         request.getfixturevalue("off_cpu_paths")
     op, shape, axes, epsilon = _WIDE_SETS[name]
-    x = (1e32 * _normal(34, shape)).astype(np.float32)
-    g = (1e6 * _normal(35, shape)).astype(np.float32)
-    dx = np.asarray(jax.jit(lambda x, g: jax.vjp(op, x)[1](g)[0])(x, g), np.float64)
-    expected = ref.normalize_grad(x, g, axes, epsilon)
-    assert np.isfinite(dx).all()
-    assert np.abs(dx - expected).max() <= 1e-6 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("paths", ["platform", "off-cpu"])
-@pytest.mark.parametrize("name", list(_WIDE_SETS))
-def test_forward_mode_derivative_of_sets_of_std_1e20(name, paths, request):
-    # Forward mode multiplied the sample term's deviations (about 1e20) by
-    # inv_std times a per-set coefficient (1e-20 times 1e-20), which is below
-    # float32's smallest normal number and was flushed: 2.6% off. The float64
-    # closed form, d/dt normalize(x + t dx), as reference.
-    if paths == "off-cpu":
-        request.getfixturevalue("off_cpu_paths")
-    op, shape, axes, epsilon = _WIDE_SETS[name]
-    x = (1e20 * _normal(36, shape)).astype(np.float32)
-    dx = _normal(37, shape).astype(np.float32)
-    tangent = np.asarray(jax.jit(lambda x, dx: jax.jvp(op, (x,), (dx,))[1])(x, dx), np.float64)
-    x64, dx64 = x.astype(np.float64), dx.astype(np.float64)
-    mean, var, _ = ref.masked_moments(x64, axes)
-    inv_std = 1 / np.sqrt(var + epsilon)
-    xhat = (x64 - mean) * inv_std
-    expected = inv_std * (dx64 - dx64.mean(axes, keepdims=True)
-                          - xhat * (xhat * dx64).mean(axes, keepdims=True))
-    assert np.abs(tangent - expected).max() <= 1e-6 * np.abs(expected).max()
+    std, direction = (1e32, 1e6) if mode == "reverse" else (1e20, 1.0)
+    x = (std * _normal(34, shape)).astype(np.float32)
+    d = (direction * _normal(35, shape)).astype(np.float32)
+    if mode == "reverse":
+        derivative = jax.jit(lambda x, g: jax.vjp(op, x)[1](g)[0])(x, d)
+        expected = ref.normalize_grad(x, d, axes, epsilon)
+    else:
+        derivative = jax.jit(lambda x, dx: jax.jvp(op, (x,), (dx,))[1])(x, d)
+        expected = ref.normalize_jvp(x, d, axes, epsilon)
+    error = np.abs(np.asarray(derivative, np.float64) - expected)
+    assert error.max() <= 1e-6 * np.abs(expected).max()
 
 
 def test_magnitude_1e30_jit():
