@@ -85,11 +85,26 @@ class Moments(NamedTuple):
 # Argument checks: all run at trace time on static shapes and Python values.
 
 
+_FLOATS = "float16, bfloat16, float32 or float64"
+
+
+def _computable(dtype: Any) -> bool:
+    """A floating dtype the statistics can be computed for: 16 bits or more
+    (float8's have no implicit promotion to the float32 statistics)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 16
+
+
 def check_floating(x: Any, name: str = "x") -> Array:
-    """Returns ``x`` as an array, or raises TypeError if it is not floating."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating-point array, got dtype {x.dtype}.")
+    """Returns ``x`` as an array, or raises TypeError if it is not of a
+    floating dtype of 16 bits or more."""
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a floating-point array ({_FLOATS}), got {x!r}.") from None
+    if not _computable(x.dtype):
+        raise TypeError(
+            f"`{name}` must be a floating-point array ({_FLOATS}), got dtype {x.dtype}."
+        )
     return x
 
 
@@ -128,18 +143,39 @@ def static_number(value: Any, name: str, valid: Callable[[float], bool], expecte
     real = (int, float, np.integer, np.floating, np.ndarray, jax.Array)
     if isinstance(value, real) and not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0:
         kind = np.asarray(value).dtype
-        if np.issubdtype(kind, np.integer) or jnp.issubdtype(kind, jnp.floating):
+        if np.issubdtype(kind, np.integer):
             number = float(value)
+        elif jnp.issubdtype(kind, jnp.floating):
+            number = float(value)
+            if kind.itemsize < 8:
+                # The decimal it prints as: jnp.float32(0.9) is the 0.9 it was
+                # written as, not 0.89999998 (the state's averages weigh 1 -
+                # momentum in float64, see batch_norm's _update_state).
+                own = kind if kind in (np.float16, np.float32) else np.float32
+                scalar = np.asarray(value).astype(own)[()]
+                number = float(np.format_float_positional(scalar, unique=True))
     if not valid(number):
         raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
     return number
 
 
 def check_epsilon(epsilon: Any) -> float:
-    """``epsilon`` as a float: a positive, finite number (see :func:`static_number`)."""
+    """``epsilon`` as a float: a finite number no smaller than float32's
+    smallest normal number (see :func:`static_number`). A smaller one is 0 in
+    the float32 statistics (rounded, or flushed as a subnormal on the CPU),
+    where a constant set's 1 / sqrt(var + epsilon) is then inf."""
+    tiny = float(jnp.finfo(jnp.float32).tiny)
     return static_number(
-        epsilon, "epsilon", lambda v: 0 < v < math.inf, "a positive, finite number"
+        epsilon, "epsilon", lambda v: tiny <= v < math.inf,
+        f"a finite number of at least {tiny:.7g} (float32's smallest normal number)",
     )
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a Python bool (a numpy bool too), or TypeError naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
+    return bool(value)
 
 
 def check_float_dtype(dtype: Any) -> jnp.dtype | None:
@@ -150,9 +186,11 @@ def check_float_dtype(dtype: Any) -> jnp.dtype | None:
     try:
         out = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype!r}.") from None
-    if not jnp.issubdtype(out, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating-point dtype, got {out}.")
+        raise TypeError(
+            f"`dtype` must be a floating-point dtype ({_FLOATS}), got {dtype!r}."
+        ) from None
+    if not _computable(out):
+        raise TypeError(f"`dtype` must be a floating-point dtype ({_FLOATS}), got {out}.")
     return out
 
 
@@ -176,12 +214,23 @@ def group_count(channels: int, num_groups: Any, group_size: Any) -> int:
     return int(value if group_size is None else channels // value)
 
 
-def check_param_shape(param: Array | None, expected: tuple[int, ...], name: str) -> None:
-    if param is not None and tuple(jnp.shape(param)) != tuple(expected):
+def checked_param(param: Any, expected: tuple[int, ...], name: str) -> Array | None:
+    """``param`` (None, an array or a nested list of numbers) as an array of
+    the feature shape ``expected``; TypeError or ValueError naming it otherwise."""
+    if param is None:
+        return None
+    try:
+        param = jnp.asarray(param)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be an array of numbers, got {param!r}.") from None
+    if not jnp.issubdtype(param.dtype, jnp.number):
+        raise TypeError(f"`{name}` must be an array of numbers, got dtype {param.dtype}.")
+    if tuple(param.shape) != tuple(expected):
         raise ValueError(
             f"`{name}` must have the feature shape {tuple(expected)}, "
-            f"got shape {tuple(jnp.shape(param))}."
+            f"got shape {tuple(param.shape)}."
         )
+    return param
 
 
 def broadcast_mask(mask: Array | None, shape: tuple[int, ...]) -> Array | None:

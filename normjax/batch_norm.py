@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
@@ -84,6 +85,8 @@ class _Prepared(NamedTuple):
     epsilon: float
     momentum: float | None
     dtype: Any
+    scale: Array | None
+    bias: Array | None
 
 
 def _prepare(
@@ -99,11 +102,14 @@ def _prepare(
     mask: Array | None,
     axis_name: Hashable | None,
     dtype: Any,
+    flags: dict[str, Any],
 ) -> _Prepared:
-    """Validates every argument at trace time; returns the canonical pieces."""
+    """Validates every argument at trace time; returns the canonical pieces.
+    ``flags``: the boolean options by name (debias, ...), checked only."""
     x = _stats.check_floating(x)
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
+    training = _stats.check_bool(training, "training")
+    for name, flag in flags.items():
+        _stats.check_bool(flag, name)
     feature_axes = _stats.canonicalize_axes(axis, x.ndim, "axis")
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     fshape = _stats.feature_shape(x.shape, feature_axes)
@@ -113,10 +119,10 @@ def _prepare(
         )
     epsilon = _stats.check_epsilon(epsilon)
     state = _checked_state(state)
-    _stats.check_param_shape(state.mean, fshape, "state.mean")
-    _stats.check_param_shape(state.var, fshape, "state.var")
-    _stats.check_param_shape(scale, fshape, "scale")
-    _stats.check_param_shape(bias, fshape, "bias")
+    _stats.checked_param(state.mean, fshape, "state.mean")
+    _stats.checked_param(state.var, fshape, "state.var")
+    scale = _stats.checked_param(scale, fshape, "scale")
+    bias = _stats.checked_param(bias, fshape, "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
     per_feature = int(np.prod([x.shape[a] for a in reduction_axes]))
     if training and axis_name is None and per_feature <= 1:
@@ -128,8 +134,9 @@ def _prepare(
         )
     out_dtype = x.dtype if dtype is None else _stats.check_float_dtype(dtype)
     return _Prepared(
-        x, state, feature_axes, reduction_axes, fshape, mask, epsilon, momentum, out_dtype
-    )
+        x, state, feature_axes, reduction_axes, fshape, mask, epsilon, momentum, out_dtype,
+        scale, bias,
+    )  # fmt: skip
 
 
 def _checked_state(state: Any) -> BatchNormState:
@@ -159,37 +166,43 @@ def _update_state(
     unbiased_running_var: bool,
     skip_nonfinite: bool,
 ) -> BatchNormState:
-    """One step of the running averages: ``new = old + w * (batch - old)``."""
+    """One step of the running averages: ``new = old + w * (batch - old)``,
+    in at least float32 (then rounded to the state's dtype)."""
     dtype = jnp.result_type(state.mean)
-    mean = batch.mean.reshape(fshape).astype(dtype)
+    wdtype = _stats.stat_dtype(dtype)
+    mean = batch.mean.reshape(fshape).astype(wdtype)
     var = batch.var
     if unbiased_running_var:
         n = batch.count
         var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
-    var = var.reshape(fshape).astype(dtype)
+    var = var.reshape(fshape).astype(wdtype)
 
     count = state.count + 1
-    t = count.astype(dtype)
+    t = count.astype(wdtype)
     if momentum is None:
         w = 1 / t
-    elif debias:
+    elif debias and momentum > 0:
         # Bias-corrected EMA (Kingma & Ba 2015): the state is always the
         # corrected average, so it is usable after a single step. The first
         # weight is exactly 1, which rounding in (1 - m) / (1 - m^1) may miss.
-        m = jnp.asarray(momentum, dtype)
-        w = jnp.where(count == 1, 1, (1 - m) / (1 - m**t))
+        # 1 - m^t as -expm1(t log m), log m in float64: m itself rounds to 1
+        # in bfloat16 from 0.999 (float32 from 1 - 3e-8), and (1 - m) / (1 -
+        # m^t) was 0 / 0, a NaN running state.
+        log_m = math.log1p(-(1 - momentum))
+        w = jnp.where(count == 1, 1, (1 - momentum) / -jnp.expm1(t * log_m))
     else:
-        w = jnp.asarray(1 - momentum, dtype)
+        w = jnp.asarray(1 - momentum, wdtype)
     # (1 - w) * old + w * batch, rather than old + w * (batch - old), is exactly
     # the batch when w == 1.
     # A feature the mask hides entirely has no statistics (its batch mean and
     # variance read 0): it keeps its running values.
     seen = jnp.broadcast_to(batch.count > 0, batch.mean.shape).reshape(fshape)
-    updated = BatchNormState(
-        jnp.where(seen, (1 - w) * state.mean + w * mean, state.mean),
-        jnp.where(seen, (1 - w) * state.var + w * var, state.var),
-        count,
-    )
+
+    def averaged(old: Array, new: Array) -> Array:
+        return jnp.where(seen, ((1 - w) * old.astype(wdtype) + w * new).astype(dtype), old)
+
+    updated = BatchNormState(averaged(state.mean, mean), averaged(state.var, var), count)
+    mean, var = mean.astype(dtype), var.astype(dtype)
     if not skip_nonfinite:
         return updated
     # Halved, mean + var is not finite exactly when one of them is not: one
@@ -264,17 +277,19 @@ def batch_norm(
         shape; momentum outside [0, 1); epsilon not a positive, finite number;
         one value per feature in training.
     """
+    flags = {"debias": debias, "unbiased_running_var": unbiased_running_var,
+             "skip_nonfinite": skip_nonfinite}  # fmt: skip
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, flags=flags,
     )  # fmt: skip
     if not training:
         stats = _stats.running_moments(
             p.state.mean, p.state.var, p.epsilon, p.feature_axes, p.x
         )
-        return _stats.normalize(p.x, stats, scale, bias, p.feature_axes, p.dtype), p.state
+        return _stats.normalize(p.x, stats, p.scale, p.bias, p.feature_axes, p.dtype), p.state
     y, stats = _stats.standardize(
-        p.x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=p.epsilon, mask=p.mask,
+        p.x, p.reduction_axes, p.feature_axes, p.scale, p.bias, epsilon=p.epsilon, mask=p.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=p.dtype,
     )  # fmt: skip
     new_state = _update_state(
@@ -332,14 +347,17 @@ def batch_renorm(
     # inf: no clipping.
     r_max = _stats.static_number(r_max, "r_max", lambda v: v >= 1, "a number >= 1")
     d_max = _stats.static_number(d_max, "d_max", lambda v: v >= 0, "a number >= 0")
-    if not training:
+    if not _stats.check_bool(training, "training"):
         return batch_norm(
             x, state, scale, bias, training=False, axis=axis, momentum=momentum,
-            epsilon=epsilon, mask=mask, dtype=dtype,
+            epsilon=epsilon, mask=mask, debias=debias, unbiased_running_var=unbiased_running_var,
+            skip_nonfinite=skip_nonfinite, dtype=dtype,
         )  # fmt: skip
+    flags = {"debias": debias, "unbiased_running_var": unbiased_running_var,
+             "skip_nonfinite": skip_nonfinite}  # fmt: skip
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, flags=flags,
     )  # fmt: skip
     state = p.state
     sets = {"mask": p.mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
@@ -368,6 +386,7 @@ def batch_renorm(
     # ((x - mu_B) * inv_B * r + d) * scale + bias, with d in the bias: moved
     # into the mean instead (x - (mu_B - d / (inv_B * r))), it overflows for x
     # near float32's largest where x - mu_B does not.
+    scale, bias = p.scale, p.bias
     corrected_scale = r if scale is None else r * scale.astype(r.dtype)
     corrected_bias = d if scale is None else d * scale.astype(d.dtype)
     if bias is not None:

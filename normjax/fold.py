@@ -64,17 +64,18 @@ def fold_batch_norm(
             f"count is not used here)."
         )
     out = (kernel.shape[-1],)
-    for name, value in (
-        ("bias", bias), ("state.mean", state.mean), ("state.var", state.var),
-        ("scale", scale), ("bn_bias", bn_bias),
-    ):  # fmt: skip
-        _stats.check_param_shape(value, out, name)
+    bias, mean, var, scale, bn_bias = (
+        _stats.checked_param(value, out, name) for name, value in (
+            ("bias", bias), ("state.mean", state.mean), ("state.var", state.var),
+            ("scale", scale), ("bn_bias", bn_bias),
+        )
+    )  # fmt: skip
     dtype = _stats.stat_dtype(kernel.dtype)
-    multiplier = _stats.inverse_std(jnp.asarray(state.var, dtype), epsilon)
+    multiplier = _stats.inverse_std(var.astype(dtype), epsilon)
     if scale is not None:
         multiplier = multiplier * scale.astype(dtype)
     layer_bias = jnp.zeros(out, dtype) if bias is None else bias.astype(dtype)
-    new_bias = (layer_bias - state.mean.astype(dtype)) * multiplier
+    new_bias = (layer_bias - mean.astype(dtype)) * multiplier
     if bn_bias is not None:
         new_bias = new_bias + bn_bias.astype(dtype)
     # Explicitly along the output axis: an implicit rank promotion fails where

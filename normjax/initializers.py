@@ -145,6 +145,13 @@ def _check_dtype(dtype: DTypeLike | None) -> jnp.dtype:
     return canonical
 
 
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype weights of ``dtype`` are sampled in before the cast: float32
+    for narrower floats (float16, bfloat16, the float8's, which promote to
+    nothing), float64 for float64."""
+    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 def _check_axes_type(name: str, axes: object) -> None:
     if isinstance(axes, bool | np.bool_):
         raise TypeError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
@@ -367,8 +374,7 @@ def variance_scaling(
             return jnp.zeros(dims, dtype)
         # jax draws half-precision samples directly, from only 2**7 (bfloat16) or 2**10
         # (float16) distinct values with no tail beyond ~2.9 std; draw in float32 and round.
-        compute_dtype = jnp.promote_types(dtype, jnp.float32)
-        return sampler(key, dims, compute_dtype).astype(dtype)
+        return sampler(key, dims, _compute_dtype(dtype)).astype(dtype)
 
     return init
 
@@ -650,8 +656,7 @@ def orthogonal(
             )
         _normalize_axes("column_axis", column_axis, dims)
         # jnp.linalg.qr has no float16/bfloat16 kernel; decompose in float32 and cast back.
-        compute_dtype = jnp.promote_types(dtype, jnp.float32)
-        return sampler(key, dims, compute_dtype).astype(dtype)
+        return sampler(key, dims, _compute_dtype(dtype)).astype(dtype)
 
     return init
 

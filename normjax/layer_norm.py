@@ -49,8 +49,8 @@ def _normalize_over(
     epsilon = _stats.check_epsilon(epsilon)
     dtype = _stats.check_float_dtype(dtype)
     fshape = _stats.feature_shape(x.shape, features)
-    _stats.check_param_shape(scale, fshape, "scale")
-    _stats.check_param_shape(bias, fshape, "bias")
+    scale = _stats.checked_param(scale, fshape, "scale")
+    bias = _stats.checked_param(bias, fshape, "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
     y, _ = _stats.standardize(
         x, reduction, features, scale, bias, epsilon=epsilon, mask=mask, center=center,
@@ -201,8 +201,8 @@ def group_norm(
                 f"`reduction_axes`={reduction_axes!r} must include the channel axis "
                 f"(the last, {x.ndim - 1})."
             )
-    _stats.check_param_shape(scale, (channels,), "scale")
-    _stats.check_param_shape(bias, (channels,), "bias")
+    scale = _stats.checked_param(scale, (channels,), "scale")
+    bias = _stats.checked_param(bias, (channels,), "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
     # The channel axis is pooled in groups by the statistics core itself: a
     # reshape to (..., groups, channels per group) compiles to a slow strided

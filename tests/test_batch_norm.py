@@ -196,6 +196,27 @@ def test_running_statistics_closed_form_after_1_10_100_steps(momentum, debias, u
     np.testing.assert_array_equal(states.count, np.arange(1, 101))
 
 
+@pytest.mark.parametrize("dtype, momentum", [(jnp.bfloat16, 0.999), (jnp.float16, 0.9999),
+                                             (jnp.float32, 1 - 3e-8), (jnp.bfloat16, 0.99)])
+def test_low_precision_states_average_with_the_exact_momentum(dtype, momentum):
+    # The debiased weight (1 - m) / (1 - m^t) took m rounded to the state's
+    # dtype: 1 for bfloat16 0.999, so 0 / 0 and a NaN running state from the
+    # second step; 0.98828 for bfloat16 0.99. The float64 closed form of the
+    # debiased average, rounded to the state's dtype, as reference.
+    xs = _batches(20, seed=3)
+
+    def step(state, x):
+        _, state = nj.batch_norm(x, state, training=True, momentum=momentum)
+        return state, state
+
+    _, states = jax.jit(lambda xs: jax.lax.scan(step, nj.batch_norm_state(3, dtype), xs))(xs)
+    means = [ref.batch_stats(x)[0] for x in xs]
+    resolution = float(jnp.finfo(dtype).eps)
+    for t in (2, 5, 20):
+        expected = ref.running_average(means[:t], momentum, debias=True, initial=0.0)
+        _close(np.asarray(states.mean[t - 1], np.float64), expected, rtol=resolution, atol=resolution)
+
+
 def test_unbiased_running_var_does_not_change_the_normalization():
     x = _normal(7, (4, 3), loc=1.0)
     y, state = nj.batch_norm(x, nj.batch_norm_state(3), training=True, unbiased_running_var=True)
@@ -612,6 +633,40 @@ def test_epsilon_not_positive(epsilon):
                         epsilon=epsilon)
 
 
+def test_epsilon_below_float32s_smallest_normal_number_is_a_value_error():
+    # 1e-38 is a subnormal, 0 on the CPU: a constant channel's running variance
+    # of 0 gave 1 / sqrt(0 + 0) and NaN outputs; at float32's smallest normal
+    # number the constant channel normalizes to the bias.
+    x, state = jnp.ones((4, 3)), nj.BatchNormState(jnp.ones(3), jnp.zeros(3), jnp.asarray(1))
+    with pytest.raises(ValueError, match="`epsilon` must be a finite number of at least"):
+        nj.batch_norm(x, state, training=False, epsilon=1e-38)
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    y, _ = nj.batch_norm(x, state, bias=jnp.full(3, 0.5), training=False, epsilon=tiny)
+    np.testing.assert_array_equal(y, 0.5)
+    with pytest.raises(ValueError, match="`epsilon`"):
+        nj.layer_norm(x, epsilon=1e-46)
+
+
+@pytest.mark.parametrize("name", ["debias", "unbiased_running_var", "skip_nonfinite"])
+@pytest.mark.parametrize("op", ["batch_norm", "batch_renorm"])
+@pytest.mark.parametrize("training", [True, False])
+def test_boolean_options_must_be_bools(name, op, training):
+    x, state = _normal(66, (6, 3)), nj.batch_norm_state(3)
+    for value in ("False", None, 1):
+        with pytest.raises(TypeError, match=f"`{name}` must be a Python bool, got {value!r}"):
+            getattr(nj, op)(x, state, training=training, **{name: value})
+
+
+def test_scale_and_bias_as_lists_equal_arrays():
+    x, state = _normal(67, (6, 3)), nj.batch_norm_state(3)
+    scale, bias = [1.0, 2.0, 0.5], [0.0, -1.0, 3]
+    for op in (nj.batch_norm, nj.batch_renorm):
+        expected = op(x, state, jnp.asarray(scale), jnp.asarray(bias, jnp.float32), training=True)
+        chex.assert_trees_all_equal(op(x, state, scale, bias, training=True), expected)
+    with pytest.raises(TypeError, match="`scale` must be an array of numbers"):
+        nj.batch_norm(x, state, [None, None, None], training=True)
+
+
 @pytest.mark.parametrize("box", [np.float32, jnp.float32, jnp.asarray, np.asarray])
 def test_concrete_scalar_hyperparameters_equal_python_numbers(box):
     # Flax's BatchNorm takes momentum=jnp.float32(0.9); so do these, as the
@@ -661,7 +716,7 @@ def test_batch_norm_state_arguments_are_checked(feature_shape):
 
 
 def test_batch_norm_state_dtype_must_be_floating():
-    with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype, got int32"):
+    with pytest.raises(TypeError, match="`dtype` must be a floating-point dtype.*got int32"):
         nj.batch_norm_state(3, jnp.int32)
 
 

@@ -400,6 +400,19 @@ def test_half_precision_keeps_formula_std_and_bound(dtype):
     assert_sample_std(uniform, bound / math.sqrt(3.0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_weights_are_sampled_in_float32_and_rounded(dtype):
+    # float8's promote to no float32: sampling in promote_types(dtype, float32)
+    # was JAX's TypePromotionError. The formula's std, and each the float32
+    # sample rounded once.
+    normal = ni.he_normal(dtype=dtype)(KEY, (256, 128))
+    chex.assert_type(normal, dtype)
+    assert_sample_std(normal, math.sqrt(2.0 / 256))
+    for init in (ni.he_normal(), ni.orthogonal()):
+        chex.assert_trees_all_equal(init(KEY, (64, 64), dtype),
+                                    init(KEY, (64, 64), jnp.float32).astype(dtype))
+
+
 @pytest.mark.parametrize("name", ["he_normal", "xavier_uniform", "lecun_normal", "orthogonal"])
 def test_float64_under_x64(name):
     with jax.enable_x64(True):

@@ -418,6 +418,30 @@ def test_integer_input_is_a_type_error(op):
 
 
 @pytest.mark.parametrize("op", list(_OPS))
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_input_and_output_are_a_type_error_naming_them(op, dtype):
+    # float8's promote to no float32: JAX's TypePromotionError came from inside.
+    with pytest.raises(TypeError, match=f"`x` must be a floating-point array.*{jnp.dtype(dtype)}"):
+        _OPS[op](jnp.ones((2, 3, 4), dtype))
+    with pytest.raises(TypeError, match=f"`dtype` must be a floating-point dtype.*{jnp.dtype(dtype)}"):
+        _OPS[op](jnp.ones((2, 3, 4)), dtype=dtype)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_none_input_is_a_type_error_naming_x(op):
+    with pytest.raises(TypeError, match="`x` must be a floating-point array.*got None"):
+        _OPS[op](None)
+
+
+def test_scale_and_bias_as_lists_equal_arrays():
+    x = jnp.asarray(_normal(70, (4, 3)))
+    expected = nj.layer_norm(x, jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.0, -1.0, 3.0]))
+    chex.assert_trees_all_equal(nj.layer_norm(x, [1.0, 2.0, 0.5], [0.0, -1.0, 3]), expected)
+    expected = nj.group_norm(x[:, None], jnp.asarray([1.0, 2.0, 0.5]), num_groups=1)
+    chex.assert_trees_all_equal(nj.group_norm(x[:, None], [1.0, 2.0, 0.5], num_groups=1), expected)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
 @pytest.mark.parametrize("epsilon", [0.0, -1.0, float("nan"), float("inf"), "1e-5"])
 def test_epsilon_not_positive(op, epsilon):
     with pytest.raises(ValueError, match="epsilon"):
