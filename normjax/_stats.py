@@ -100,7 +100,9 @@ def check_floating(x: Any, name: str = "x") -> Array:
     try:
         x = jnp.asarray(x)
     except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a floating-point array ({_FLOATS}), got {x!r}.") from None
+        raise TypeError(
+            f"`{name}` must be a floating-point array ({_FLOATS}), got {x!r}."
+        ) from None
     if not _computable(x.dtype):
         raise TypeError(
             f"`{name}` must be a floating-point array ({_FLOATS}), got dtype {x.dtype}."
@@ -109,7 +111,8 @@ def check_floating(x: Any, name: str = "x") -> Array:
 
 
 def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
-    """Normalizes ``axes`` to sorted non-negative ints, checking the range."""
+    """Normalizes ``axes`` to sorted non-negative ints, checking the range; an
+    axis given twice (``(-1, 2)`` of a 3-D x) counts once, as in Flax."""
     try:
         axes_seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
     except TypeError:
@@ -124,9 +127,7 @@ def canonicalize_axes(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
                 f"(expected values in [{-ndim}, {ndim - 1}])."
             )
         out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{name}`={axes!r} repeats an axis.")
-    return tuple(sorted(out))
+    return tuple(sorted(set(out)))
 
 
 def static_number(value: Any, name: str, valid: Callable[[float], bool], expected: str) -> float:

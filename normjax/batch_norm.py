@@ -140,8 +140,9 @@ def _prepare(
 
 
 def _checked_state(state: Any) -> BatchNormState:
-    """``state`` with floating statistics and an int32 scalar count (a Python int
-    is taken as one); TypeError naming the field otherwise."""
+    """``state`` with floating statistics and a real scalar count (a Python int
+    is taken as an int32; a floating one, as ``lax.pmean`` or a cast of the
+    whole state leaves it, is kept); TypeError naming the field otherwise."""
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"`state` must be a BatchNormState (see batch_norm_state), got {type(state).__name__}."
@@ -149,11 +150,15 @@ def _checked_state(state: Any) -> BatchNormState:
     mean = _stats.check_floating(state.mean, "state.mean")
     var = _stats.check_floating(state.var, "state.var")
     count = jnp.asarray(state.count)
-    if count.shape != () or not jnp.issubdtype(count.dtype, jnp.integer):
+    real = jnp.issubdtype(count.dtype, jnp.integer) or jnp.issubdtype(count.dtype, jnp.floating)
+    if count.shape != () or not real:
         raise TypeError(
-            f"`state.count` must be an integer scalar, got {count.dtype} of shape {count.shape}."
+            f"`state.count` must be an integer (or floating) scalar, got {count.dtype} of "
+            f"shape {count.shape}."
         )
-    return BatchNormState(mean, var, count.astype(jnp.int32))
+    if isinstance(state.count, int):
+        count = count.astype(jnp.int32)
+    return BatchNormState(mean, var, count)
 
 
 def _update_state(

@@ -268,7 +268,9 @@ class BatchNorm(nn.Module):
         initial = nj.batch_norm_state(feature_shape)
         # Statistics stored without a count (flax.linen.BatchNorm's) count as
         # long warmed up: each batch then weighs 1 - momentum, as in Flax. A
-        # count of 0 would make the next batch's statistics replace them.
+        # count of 0 would make the next batch's statistics replace them. They
+        # get no count when trained either: batch_stats keep Flax's structure,
+        # which a lax.scan carry or a restore target must keep.
         countless = self.has_variable("batch_stats", "mean") and not self.has_variable(
             "batch_stats", "count"
         )
@@ -276,7 +278,7 @@ class BatchNorm(nn.Module):
         mean = self.variable("batch_stats", "mean", lambda: initial.mean)
         var = self.variable("batch_stats", "var", lambda: initial.var)
         count = None
-        if not countless or self.is_mutable_collection("batch_stats"):
+        if not countless:
             count = self.variable("batch_stats", "count", lambda: initial_count)
         scale, bias = _scale_and_bias(
             self,

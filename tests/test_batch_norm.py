@@ -214,7 +214,8 @@ def test_low_precision_states_average_with_the_exact_momentum(dtype, momentum):
     resolution = float(jnp.finfo(dtype).eps)
     for t in (2, 5, 20):
         expected = ref.running_average(means[:t], momentum, debias=True, initial=0.0)
-        _close(np.asarray(states.mean[t - 1], np.float64), expected, rtol=resolution, atol=resolution)
+        _close(np.asarray(states.mean[t - 1], np.float64), expected,
+               rtol=resolution, atol=resolution)
 
 
 def test_unbiased_running_var_does_not_change_the_normalization():
@@ -698,15 +699,18 @@ def test_state_fields_are_checked():
         nj.batch_norm(x, nj.BatchNormState(mean.astype(jnp.int32), var, 0), training=True)
     with pytest.raises(TypeError, match=r"`state.var` must be a floating-point array.*int32"):
         nj.batch_norm(x, nj.BatchNormState(mean, var.astype(jnp.int32), 0), training=False)
-    with pytest.raises(TypeError, match=r"`state.count` must be an integer scalar"):
+    with pytest.raises(TypeError, match=r"`state.count` must be an integer \(or floating\) scalar"):
         nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.zeros(3, jnp.int32)), training=True)
-    with pytest.raises(TypeError, match=r"`state.count` must be an integer scalar, got float32"):
-        nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.float32(2)), training=True)
-    # A Python int count is an int32 scalar.
+    with pytest.raises(TypeError, match=r"`state.count` must be an .*scalar, got complex64"):
+        nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.complex64(2)), training=True)
+    # A Python int count is an int32 scalar; a floating one (lax.pmean's) keeps its dtype.
     expected = nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.asarray(2, jnp.int32)),
                              training=True)
     actual = nj.batch_norm(x, nj.BatchNormState(mean, var, 2), training=True)
     chex.assert_trees_all_equal(actual, expected)
+    y, state = nj.batch_norm(x, nj.BatchNormState(mean, var, jnp.float32(2)), training=True)
+    chex.assert_trees_all_equal((y, state.mean, state.var), (expected[0], *expected[1][:2]))
+    chex.assert_trees_all_equal(state.count, jnp.float32(3))
 
 
 @pytest.mark.parametrize("feature_shape", [6.0, None, (3, -1), (2, 3.0), True])

@@ -421,9 +421,10 @@ def test_integer_input_is_a_type_error(op):
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 def test_float8_input_and_output_are_a_type_error_naming_them(op, dtype):
     # float8's promote to no float32: JAX's TypePromotionError came from inside.
-    with pytest.raises(TypeError, match=f"`x` must be a floating-point array.*{jnp.dtype(dtype)}"):
+    name = jnp.dtype(dtype).name
+    with pytest.raises(TypeError, match=f"`x` must be a floating-point array.*{name}"):
         _OPS[op](jnp.ones((2, 3, 4), dtype))
-    with pytest.raises(TypeError, match=f"`dtype` must be a floating-point dtype.*{jnp.dtype(dtype)}"):
+    with pytest.raises(TypeError, match=f"`dtype` must be a floating-point dtype.*{name}"):
         _OPS[op](jnp.ones((2, 3, 4)), dtype=dtype)
 
 
@@ -431,6 +432,16 @@ def test_float8_input_and_output_are_a_type_error_naming_them(op, dtype):
 def test_none_input_is_a_type_error_naming_x(op):
     with pytest.raises(TypeError, match="`x` must be a floating-point array.*got None"):
         _OPS[op](None)
+
+
+def test_an_axis_given_twice_counts_once_as_in_flax():
+    x = jnp.asarray(_normal(71, (2, 3, 4)))
+    chex.assert_trees_all_equal(nj.layer_norm(x, reduction_axes=(-1, 2), feature_axes=(2, -1)),
+                                nj.layer_norm(x, reduction_axes=2))
+    # flax.linen merges them too
+    flax_ln = nn.LayerNorm(reduction_axes=(-1, 2), feature_axes=(2, -1))
+    y = flax_ln.apply(flax_ln.init(jax.random.key(0), x), x)
+    np.testing.assert_allclose(y, ref.layer_norm(x, reduction_axes=2), atol=1e-5)
 
 
 def test_scale_and_bias_as_lists_equal_arrays():

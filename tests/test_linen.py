@@ -271,11 +271,51 @@ def test_flax_batch_stats_without_a_count_go_on_as_flax_would():
     expected, flax_stats = flax_bn.apply(variables, x + 10, use_running_average=False,
                                          mutable=["batch_stats"])
     chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
-    ours_stats = dict(ours_stats["batch_stats"])
-    count = ours_stats.pop("count")
-    chex.assert_trees_all_close(ours_stats, flax_stats["batch_stats"], atol=1e-5, rtol=1e-5)
-    # ... and carries a count from then on, which keeps it so
-    assert int(count) > 2**20
+    # ... with Flax's structure, no count added: a lax.scan carry keeps it
+    chex.assert_trees_all_close(ours_stats, flax_stats, atol=1e-5, rtol=1e-5)
+
+    def step(stats, x):
+        _, new = ours.apply({**variables, **stats}, x, use_running_average=False,
+                            mutable=["batch_stats"])
+        return new, None
+
+    def flax_step(stats, x):
+        _, new = flax_bn.apply({**variables, **stats}, x, use_running_average=False,
+                               mutable=["batch_stats"])
+        return new, None
+
+    xs = jnp.stack([x + 10, x - 3, 2 * x])
+    start = {"batch_stats": variables["batch_stats"]}
+    chex.assert_trees_all_close(jax.lax.scan(step, start, xs)[0],
+                                jax.lax.scan(flax_step, start, xs)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cast", ["pmean", "bfloat16"])
+def test_batch_stats_with_a_floating_count_train_and_evaluate(cast):
+    # lax.pmean over batch_stats (Flax's ImageNet example syncs them so) makes
+    # the count float32; casting the variables for inference, bfloat16. Both
+    # were a TypeError ("`state.count` must be an integer scalar"), even in
+    # evaluation. The same batch_stats with an int32 count, as reference.
+    x = jax.random.normal(KEY(4), (16, 6))
+    bn = njl.BatchNorm(momentum=0.9)
+    variables = bn.init(KEY(5), x, use_running_average=False)
+    _, stats = bn.apply(variables, x + 1, use_running_average=False, mutable=["batch_stats"])
+    variables = {**variables, **stats}
+    if cast == "pmean":
+        floating = jax.vmap(lambda v: jax.lax.pmean(v, "d"), axis_name="d", in_axes=None,
+                            out_axes=None, axis_size=2)(variables)
+        chex.assert_type(floating["batch_stats"]["count"], jnp.float32)
+    else:
+        floating = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+        variables = jax.tree.map(lambda v, f: f.astype(v.dtype), variables, floating)
+    for training in (False, True):
+        expected = bn.apply(variables, x - 2, use_running_average=not training,
+                            mutable=["batch_stats"])
+        actual = bn.apply(floating, x - 2, use_running_average=not training,
+                          mutable=["batch_stats"])
+        chex.assert_trees_all_close(jax.tree.map(lambda v: v.astype(jnp.float32), actual),
+                                    jax.tree.map(lambda v: v.astype(jnp.float32), expected),
+                                    atol=2e-2 if cast == "bfloat16" else 1e-6, rtol=1e-2)
 
 
 def test_output_dtype_follows_flax():
