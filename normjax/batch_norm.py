@@ -36,7 +36,8 @@ class BatchNormState(NamedTuple):
     Attributes:
       mean: running mean, of the feature shape.
       var: running (biased, unless ``unbiased_running_var``) variance.
-      count: int32 scalar, the number of training updates taken so far.
+      count: int32 scalar, the number of training updates taken so far (a
+        floating one, as ``lax.pmean`` leaves it, is taken and kept too).
     """
 
     mean: Array
