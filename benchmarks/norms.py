@@ -549,6 +549,12 @@ def select_cases(names: str | None, dtypes: Sequence[str], quick: bool) -> list[
                 case = Case(op, shape, dtype)
                 if wanted is None or any(w in case.label for w in wanted):
                     cases.append(case)
+    unmatched = [w for w in wanted or () if not any(w in c.label for c in cases)]
+    if unmatched:
+        # Each filter must match: one misspelled among others was dropped silently.
+        labels = sorted({Case(op, s, "float32").label.rsplit(" ", 1)[0]
+                         for op, shapes in OP_SHAPES.items() for s in shapes})
+        raise SystemExit(f"--cases: no case matches {unmatched}; the cases are {labels}")
     return cases
 
 

@@ -246,23 +246,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=Path("out/data_parallel"), help="output directory"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    available = len(jax.devices())
+    if args.devices is None:
+        args.devices = available
+    if not 1 <= args.devices <= available:
+        parser.error(f"--devices must be in 1..{available}, got {args.devices}")
+    if args.batch_size < 1 or args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size must be a positive multiple of the device count {args.devices}, "
+            f"got {args.batch_size}"
+        )
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the comparison and returns the table rows."""
     args = parse_args(argv)
     available = jax.devices()
-    num_devices = len(available) if args.devices is None else args.devices
-    if not 1 <= num_devices <= len(available):
-        raise ValueError(f"--devices must be in 1..{len(available)}, got {num_devices}")
-    if args.batch_size % num_devices:
-        raise ValueError(
-            f"--batch-size must be a multiple of the device count {num_devices}, "
-            f"got {args.batch_size}"
-        )
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    num_devices = args.devices
     mesh = Mesh(np.array(available[:num_devices]), (DATA_AXIS,))
     out = _common.make_output_dir(args.out)
     data = _common.load_digits_split(seed=args.seed)

@@ -309,6 +309,14 @@ class _Sets(NamedTuple):
             size *= shape[-1] // self.channel_groups
         return size
 
+    def devices(self) -> int:
+        """How many devices' sums :meth:`total` adds (1 without ``axis_name``)."""
+        if self.axis_name is None:
+            return 1
+        if self.axis_index_groups is not None:
+            return len(self.axis_index_groups[0])
+        return int(lax.axis_size(self.axis_name))
+
     def count(self, shape: tuple[int, ...], dtype: Any) -> Array:
         """The number of counted entries in each set of an array of ``shape``, in ``dtype``."""
         if self.mask is not None:
@@ -592,10 +600,12 @@ def _two_passes(
         x, inv_n = _own_conversion(raw, dtype, inv_n)
         shift = sets.largest_counted(x)
     # The deviations from it summed as x p - shift p, p a power of two at
-    # most 1 / (2 n): that is (x - shift) p exactly, and neither it nor this
-    # device's sum can overflow, where x - shift can (entries of opposite
-    # signs near float32's largest).
-    p = 2.0 ** -(math.ceil(math.log2(max(sets.size(raw.shape), 1))) + 1)
+    # most 1 / (2 n), n the entries of all devices: that is (x - shift) p
+    # exactly, and neither it nor the sum can overflow, where x - shift can
+    # (entries of opposite signs near float32's largest). (p sized for one
+    # device's entries, 4 devices' sums of deviations of 1e38 overflowed.)
+    entries = sets.size(raw.shape) * sets.devices()
+    p = 2.0 ** -(math.ceil(math.log2(max(entries, 1))) + 1)
     x, shift = _own_conversion(raw, dtype, shift)
     offset = sets.total(counted(x * p - shift * p)) * (inv_n / p)
     # The squares and the output subtract the mean (in dtype, then what is

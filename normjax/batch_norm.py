@@ -114,9 +114,15 @@ def _prepare(
     feature_axes = _stats.canonicalize_axes(axis, x.ndim, "axis")
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     fshape = _stats.feature_shape(x.shape, feature_axes)
-    if momentum is not None:
+    if momentum is not None and training:
         momentum = _stats.static_number(
             momentum, "momentum", lambda v: 0 <= v < 1, "in [0, 1) or None"
+        )
+    elif momentum is not None:
+        # Evaluation does not use it: a config with momentum 1 (statistics that
+        # never move) can still run inference, as in Flax.
+        momentum = _stats.static_number(
+            momentum, "momentum", lambda v: 0 <= v <= 1, "in [0, 1] or None"
         )
     epsilon = _stats.check_epsilon(epsilon)
     state = _checked_state(state)
@@ -183,7 +189,14 @@ def _update_state(
         var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
     var = var.reshape(fshape).astype(wdtype)
 
-    count = state.count + 1
+    # A floating count (lax.pmean's float32, a bfloat16 cast of the variables)
+    # counts in at least float32: a bfloat16 one stopped at 256 (256 + 1 rounds
+    # to 256), and its frozen debiasing weight gave a running mean of 9.9 for
+    # an exact 7.2 (momentum 0.999, 1000 steps).
+    count_dtype = state.count.dtype
+    if jnp.issubdtype(count_dtype, jnp.floating):
+        count_dtype = _stats.stat_dtype(count_dtype)
+    count = state.count.astype(count_dtype) + 1
     t = count.astype(wdtype)
     if momentum is None:
         w = 1 / t
@@ -278,10 +291,12 @@ def batch_norm(
     Raises:
       TypeError: ``x`` or ``dtype`` is not floating; ``state`` is not a
         BatchNormState, or holds non-floating statistics or a count that is
-        not an integer scalar; a traced ``momentum`` or ``epsilon``.
+        not a real scalar; a traced ``momentum`` or ``epsilon``; a boolean
+        option that is not a bool.
       ValueError: ``axis`` out of range; state, scale, bias or mask of the wrong
-        shape; momentum outside [0, 1); epsilon not a positive, finite number;
-        one value per feature in training.
+        shape; momentum outside [0, 1) in training ([0, 1] in evaluation, which
+        does not use it); epsilon not finite or below float32's smallest
+        normal number; one value per feature in training.
     """
     flags = {"debias": debias, "unbiased_running_var": unbiased_running_var,
              "skip_nonfinite": skip_nonfinite}  # fmt: skip

@@ -51,7 +51,7 @@ def fold_batch_norm(
     Raises:
       TypeError: a non-floating kernel; a state that is not a BatchNormState.
       ValueError: shapes that do not match the kernel's output features;
-        epsilon not a positive, finite number.
+        epsilon not finite or below float32's smallest normal number.
     """
     kernel = _stats.check_floating(kernel, "kernel")
     if kernel.ndim < 2:

@@ -96,7 +96,7 @@ def layer_norm(
       TypeError: ``x`` or ``dtype`` is not floating; axes that are not ints;
         a traced ``epsilon``.
       ValueError: axes out of range, scale/bias/mask of the wrong shape,
-        epsilon not a positive, finite number.
+        epsilon not finite or below float32's smallest normal number.
 
     Reference: Ba, Kiros and Hinton 2016, arXiv:1607.06450.
     """

@@ -34,7 +34,8 @@ Differences from Flax, all deliberate:
   normalized as floats, as in ``flax.linen``; the functional core itself takes
   boolean masks and floating inputs only.
 * Clear errors where Flax returns something: one value per feature in
-  training, ``epsilon <= 0``, ``momentum`` outside [0, 1), complex inputs.
+  training, ``epsilon`` below float32's smallest normal number, ``momentum``
+  outside [0, 1) in training, complex inputs.
 """
 
 from __future__ import annotations

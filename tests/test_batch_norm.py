@@ -618,6 +618,33 @@ def test_momentum_out_of_range(momentum):
                         momentum=momentum)
 
 
+def test_momentum_1_is_allowed_in_evaluation_only():
+    # Evaluation does not use momentum: a config with 1 can run inference, as
+    # in Flax; the running statistics are the stored ones.
+    x = _normal(72, (4, 3))
+    state = nj.BatchNormState(jnp.asarray([0.5, -1.0, 2.0]), jnp.asarray([1.0, 4.0, 0.25]), 3)
+    y, _ = nj.batch_norm(x, state, training=False, momentum=1.0)
+    _close(y, (x - np.asarray(state.mean)) / np.sqrt(np.asarray(state.var) + 1e-5))
+    with pytest.raises(ValueError, match=r"`momentum` must be in \[0, 1\] or None, got 1.5"):
+        nj.batch_norm(x, state, training=False, momentum=1.5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_a_floating_count_counts_past_its_dtypes_integers(dtype):
+    # A bfloat16 count stopped at 256 (256 + 1 rounds to 256) and kept the
+    # debiasing weight of step 257: a running mean of 9.9 for the exact 7.2
+    # after 500 batches of mean 1 and 500 of mean 11 (momentum 0.999). It
+    # counts in float32 now. The float64 debiased average, as reference.
+    batch = jnp.asarray([[0.0], [2.0], [0.0], [2.0]])
+    step = jax.jit(lambda s, x: nj.batch_norm(x, s, training=True, momentum=0.999)[1])
+    state = nj.BatchNormState(jnp.zeros(1), jnp.ones(1), jnp.zeros((), dtype))
+    for i in range(600):
+        state = step(state, batch + 10.0 * (i >= 300))
+    assert state.count == 600 and state.count.dtype == jnp.float32
+    expected = ref.running_average([1.0] * 300 + [11.0] * 300, 0.999, debias=True, initial=0.0)
+    _close(state.mean, np.full(1, expected), rtol=1e-5, atol=0)
+
+
 def test_momentum_zero_is_allowed_and_takes_the_batch():
     x = _normal(62, (4, 3))
     _, state = nj.batch_norm(x, nj.batch_norm_state(3), training=True, momentum=0.0,

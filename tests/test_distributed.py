@@ -195,6 +195,31 @@ def test_pmap_axis_index_groups():
 
 
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]]])
+def test_sums_of_deviations_of_all_devices_stay_in_range(masked, groups):
+    # Entries near float32's largest: 3e38 and about 1.0-1.15e38, std 4.7e37.
+    # The exact passes scaled the deviations for one device's sum only, and
+    # the devices' sums added past float32's range: every statistic and output
+    # NaN, where one device holding the whole batch was right. The float64
+    # closed form, as reference.
+    x = np.full((DEVICES * 2, 1), 1e38, np.float32)
+    x += np.arange(x.size, dtype=np.float32).reshape(x.shape) * np.float32(1e36)
+    x[0] = x[8] = 3e38
+    mask = jnp.ones(x.shape, bool) if masked else None
+
+    def local(x, mask):
+        return nj.batch_norm(x, nj.batch_norm_state(1), training=True, axis_name="data",
+                             axis_index_groups=groups, mask=mask)[0]
+
+    y = jax.pmap(local, axis_name="data", in_axes=(0, None if mask is None else 0))(
+        x.reshape(DEVICES, 2, 1), None if mask is None else mask.reshape(DEVICES, 2, 1))
+    y = np.asarray(y, np.float64).reshape(x.shape)
+    halves = [slice(0, 8), slice(8, 16)] if groups else [slice(0, 16)]
+    for rows in halves:
+        _close(y[rows], ref.batch_norm_train(x[rows]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
 def test_jit_with_sharded_batch_needs_no_axis_name(mesh, masked):
     x = _batch(7)
     mask = _unequal_row_mask() if masked else np.ones((x.shape[0], 1), bool)
