@@ -316,6 +316,12 @@ def test_batch_stats_with_a_floating_count_train_and_evaluate(cast):
         chex.assert_trees_all_close(jax.tree.map(lambda v: v.astype(jnp.float32), actual),
                                     jax.tree.map(lambda v: v.astype(jnp.float32), expected),
                                     atol=2e-2 if cast == "bfloat16" else 1e-6, rtol=1e-2)
+    if cast == "pmean":
+        # and against the float64 debiased average of the two batches' means
+        means = [np.asarray(b, np.float64).mean(0) for b in (x + 1, x - 2)]
+        np.testing.assert_allclose(actual[1]["batch_stats"]["mean"],
+                                   ref.running_average(means, 0.9, debias=True, initial=0.0),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_output_dtype_follows_flax():
