@@ -1311,9 +1311,10 @@ def _standardize_op(
                         def times_xhat(c: Array) -> Array:
                             coef = (inv if p is None else inv / p) * c
                             deviation = downscaled(xs - sample)
+                            mean_deviation = downscaled(mean_from_sample)
                             if cpu and split_cotangent:
-                                return (deviation - downscaled(mean_from_sample)) * coef
-                            return deviation * coef - downscaled(mean_from_sample) * coef
+                                return (deviation - mean_deviation) * coef
+                            return deviation * coef - mean_deviation * coef
 
                     elif cpu and large and x.dtype != cdt:
                         # Group norm, bfloat16: the full-size term's xhat of its

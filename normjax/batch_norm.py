@@ -103,10 +103,10 @@ def _prepare(
     mask: Array | None,
     axis_name: Hashable | None,
     dtype: Any,
-    flags: dict[str, Any],
+    **flags: Any,
 ) -> _Prepared:
     """Validates every argument at trace time; returns the canonical pieces.
-    ``flags``: the boolean options by name (debias, ...), checked only."""
+    ``flags``: the boolean options (debias, ...), checked only."""
     x = _stats.check_floating(x)
     training = _stats.check_bool(training, "training")
     for name, flag in flags.items():
@@ -298,11 +298,10 @@ def batch_norm(
         does not use it); epsilon not finite or below float32's smallest
         normal number; one value per feature in training.
     """
-    flags = {"debias": debias, "unbiased_running_var": unbiased_running_var,
-             "skip_nonfinite": skip_nonfinite}  # fmt: skip
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, flags=flags,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, debias=debias,
+        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     if not training:
         stats = _stats.running_moments(
@@ -374,11 +373,10 @@ def batch_renorm(
             epsilon=epsilon, mask=mask, debias=debias, unbiased_running_var=unbiased_running_var,
             skip_nonfinite=skip_nonfinite, dtype=dtype,
         )  # fmt: skip
-    flags = {"debias": debias, "unbiased_running_var": unbiased_running_var,
-             "skip_nonfinite": skip_nonfinite}  # fmt: skip
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,
-        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, flags=flags,
+        epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, debias=debias,
+        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     state = p.state
     sets = {"mask": p.mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
