@@ -29,7 +29,7 @@ the test accuracy and the median milliseconds per step.
 
 Training a recurrent network near the edge of explosion is chaotic: a
 different seed, or a change in rounding, can turn one run's result around. So
-every configuration trains from ``--seeds`` seeds (default 3: ``--seed``,
+every configuration trains from ``--num-seeds`` seeds (default 3: ``--seed``,
 ``--seed + 1``, ...; each seed sets the initialization, the training batches and
 the test set, and every configuration sees the same ones), and the table shows
 the median over the seeds of each statistic, with the range ``[min-max]`` over
@@ -44,7 +44,7 @@ and the test loss over training of every seed, the median seed's bold; one
 color per configuration).
 
 Run ``python examples/rnn_layernorm.py`` (a few minutes on 2 CPU cores; ``--cells rnn``
-for the explosions alone, about a minute; ``--seeds 1`` for a single run per
+for the explosions alone, about a minute; ``--num-seeds 1`` for a single run per
 configuration).
 
 References:
@@ -412,7 +412,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
     parser.add_argument(
-        "--seeds", type=int, default=3, help="seeds per configuration: --seed, --seed + 1, ..."
+        "--num-seeds",
+        "--seeds",
+        dest="seeds",
+        type=int,
+        default=3,
+        help="seeds per configuration: --seed, --seed + 1, ...",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("out/rnn_layernorm"), help="output directory"
@@ -423,8 +428,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if unknown:
             parser.error(f"--{flag}: unknown {unknown}; choose from {list(known)}")
     for name in ("seq_len", "hidden", "batch_size", "steps", "test_size", "eval_every", "seeds"):
-        if getattr(args, name) < (2 if name == "seq_len" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        least = 2 if name == "seq_len" else 1
+        if getattr(args, name) < least:
+            flag = "num-seeds" if name == "seeds" else name.replace("_", "-")
+            parser.error(f"--{flag} must be at least {least}, got {getattr(args, name)}")
     return args
 
 

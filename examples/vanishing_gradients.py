@@ -42,7 +42,7 @@ Run ``python examples/vanishing_gradients.py`` (about a minute on 2 CPU cores).
 30-layer ReLU network with Xavier's and with He's initialization (plus He with
 batch norm and with layer norm), 3000 steps at learning rate 0.02, written to
 ``out/vanishing_gradients_depth30``. A preset only changes defaults: explicit
-flags still win (e.g. ``--preset depth30 --lr 0.05``). At the default learning
+flags still win (e.g. ``--preset depth30 --learning-rate 0.05``). At the default learning
 rate 0.05 the 30-layer ReLU + He network learns but is unstable.
 
 References:
@@ -369,7 +369,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="units per hidden layer")
     parser.add_argument("--steps", type=int, default=1500, help="SGD steps per configuration")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per SGD step")
-    parser.add_argument("--lr", type=float, default=0.05, help="plain SGD learning rate")
+    parser.add_argument(
+        "--learning-rate",
+        "--lr",
+        dest="lr",
+        type=float,
+        default=0.05,
+        help="plain SGD learning rate",
+    )
     parser.add_argument("--eval-every", type=int, default=50, help="steps between test evals")
     parser.add_argument("--seed", type=int, default=0, help="data split, init and batch order")
     parser.add_argument(

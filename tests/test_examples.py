@@ -126,7 +126,7 @@ def test_rnn_layernorm_runs_every_cell(tmp_path):
             "--test-size", "16",
             "--timing-repeats", "1",
             "--seed", "4",
-            "--seeds", "3",
+            "--num-seeds", "3",
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
@@ -159,6 +159,30 @@ def test_rnn_layernorm_runs_every_cell(tmp_path):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices; tests/conftest.py")
+@pytest.mark.parametrize(
+    ("example", "flag"),
+    [
+        ("cnn_batchnorm", "--learning-rate"),
+        ("data_parallel", "--learning-rate"),
+        ("rnn_layernorm", "--learning-rate"),
+        ("vanishing_gradients", "--learning-rate"),
+        ("vanishing_gradients", "--lr"),  # its earlier name
+    ],
+)
+def test_examples_share_the_learning_rate_flag(example, flag):
+    args = _import_example(example).parse_args([flag, "0.125"])
+    assert (args.lr if example == "vanishing_gradients" else args.learning_rate) == 0.125
+
+
+def test_rnn_layernorm_counts_seeds_with_num_seeds(capsys):
+    rnn = _import_example("rnn_layernorm")
+    assert rnn.parse_args(["--num-seeds", "2"]).seeds == 2
+    assert rnn.parse_args(["--seeds", "2"]).seeds == 2  # its earlier name
+    with pytest.raises(SystemExit):
+        rnn.parse_args(["--num-seeds", "0"])
+    assert "--num-seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_data_parallel_matches_single_device(tmp_path):
     data_parallel = _import_example("data_parallel")
     rows = data_parallel.main(
