@@ -3,8 +3,8 @@
 - `gradient_norms`: the L2 norm of every leaf of a gradient pytree, keyed by its
   path (``"Dense_0/kernel"``), in layer order.
 - `activation_stats`: per-layer mean, standard deviation and fraction of saturated
-  (sigmoid, tanh) or dead (ReLU) units of a Flax linen model, via Flax's
-  ``capture_intermediates``.
+  (sigmoid, tanh) or zero (ReLU) outputs of a Flax linen model, over every
+  example and unit, via Flax's ``capture_intermediates``.
 - `plot_gradient_norms`: per-layer gradient norms of several runs in one PNG
   (log scale); needs matplotlib, from the ``examples`` extra.
 
@@ -107,7 +107,9 @@ def gradient_norms(grads: Any) -> dict[str, float]:
       A dict from path to norm (a Python float), in layer order.
 
     Raises:
-      TypeError: if a leaf of ``grads`` is not numeric.
+      TypeError: if a leaf of ``grads`` is not numeric (a PRNG key included).
+      ValueError: if two leaves' paths join to the same key (``{"a/b": g,
+        "a": {"b": h}}``).
 
     References:
       Glorot & Bengio, AISTATS 2010, Section 4.2 (back-propagated gradients per layer).
@@ -116,6 +118,13 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     entries = []
     for path, leaf in leaves_with_paths:
         names = _path_names(path)
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            # numpy cannot convert a typed key; its own error named no path.
+            raise TypeError(
+                f"gradient_norms: every leaf of `grads` must be a numeric array; the leaf at "
+                f"{'/'.join(names)!r} is a PRNG key ({leaf.dtype}). Pass the gradients, or "
+                f"nnx.state(model, nnx.Param), not a state holding Rngs."
+            )
         value = np.asarray(leaf)
         if value.dtype == jax.dtypes.float0:
             # The gradient of an integer leaf (allow_int=True), such as
@@ -137,6 +146,14 @@ def gradient_norms(grads: Any) -> dict[str, float]:
     clash = {key for key in short if short.count(key) > 1}
     entries = [(list(key) if key not in clash else names, norm)
                for key, (names, norm) in zip(short, entries, strict=True)]  # fmt: skip
+    keys = ["/".join(names) for names, _ in entries]
+    shared = sorted({key for key in keys if keys.count(key) > 1})
+    if shared:
+        # {"a/b": g, "a": {"b": h}}: a dict could keep only one of them.
+        raise ValueError(
+            f"gradient_norms: leaves at different paths of `grads` join to the same key "
+            f"{shared[0]!r}; rename the keys that contain '/'."
+        )
     entries.sort(key=lambda entry: _natural_key(entry[0]))
     return {"/".join(names): norm for names, norm in entries}
 
@@ -147,8 +164,10 @@ class ActivationStats(NamedTuple):
     Attributes:
       mean: the mean over every element (all examples and units).
       std: the standard deviation over every element.
-      saturated_fraction: the fraction of elements that are saturated (sigmoid,
-        tanh) or dead (ReLU); NaN when no rule is known for the activation.
+      saturated_fraction: the fraction of elements (example and unit pairs) that
+        are saturated (sigmoid, tanh) or zero, passing no gradient (ReLU: about
+        0.5 in a healthy layer, more where units are dead); NaN when no rule is
+        known for the activation.
     """
 
     mean: float

@@ -64,6 +64,15 @@ def fold_batch_norm(
             f"count is not used here)."
         )
     out = (kernel.shape[-1],)
+    features = jnp.shape(state.mean)
+    if len(features) == 1 and features != out:
+        # Most likely a PyTorch weight, (out, in, ...): name the kernel, not the state.
+        raise ValueError(
+            f"`kernel` must hold the output features on its last axis (Flax's layout, "
+            f"(..., in, out)), {features[0]} for this batch norm (state.mean {features}); "
+            f"got kernel shape {kernel.shape}. Move a PyTorch (out, in, ...) weight's "
+            f"axes first (jnp.moveaxis(weight, (0, 1), (-1, -2)))."
+        )
     bias, mean, var, scale, bn_bias = (
         _stats.checked_param(value, out, name) for name, value in (
             ("bias", bias), ("state.mean", state.mean), ("state.var", state.var),

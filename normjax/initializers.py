@@ -15,7 +15,11 @@ Fans follow PyTorch's rule, ``fan_in = in_channels * receptive_field`` and
 product of every axis that is neither an input, an output nor a batch axis.
 The defaults (``in_axis=-2, out_axis=-1``) fit Flax's layouts: Dense
 ``(in, out)`` and Conv ``(*spatial, in, out)``; PyTorch's ``(out, in, *spatial)``
-takes ``in_axis=1, out_axis=0``.
+takes ``in_axis=1, out_axis=0``. A transposed convolution's fans here count
+its own inputs and outputs (Flax's ``ConvTranspose`` kernel is
+``(*spatial, in, out)``); PyTorch reads a ``ConvTranspose`` weight,
+``(in, out, *spatial)``, as it would a convolution's and so swaps them: pass
+``in_axis=-1, out_axis=-2`` for its numbers.
 
 References:
   Glorot, X. & Bengio, Y. (2010). Understanding the difficulty of training deep
@@ -152,24 +156,26 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _check_axes_type(name: str, axes: object) -> None:
+def _checked_axes(name: str, axes: object) -> int | tuple[int, ...]:
+    """``axes`` as a Python int or a tuple of them: jax's samplers take only
+    those (``np.int64(1)`` was a TypeError from inside jax at the first call)."""
     if isinstance(axes, bool | np.bool_):
         raise TypeError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
     if isinstance(axes, numbers.Integral):
-        return
+        return operator.index(axes)
     if isinstance(axes, Sequence) and not isinstance(axes, str):
         if all(
             isinstance(axis, numbers.Integral) and not isinstance(axis, bool | np.bool_)
             for axis in axes
         ):
-            return
+            return tuple(operator.index(axis) for axis in axes)
     raise TypeError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
 
 
 def _normalize_axes(name: str, axes: Axes, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Returns ``axes`` as a tuple of non-negative axis numbers of ``shape``."""
-    _check_axes_type(name, axes)
-    axis_list = [axes] if isinstance(axes, numbers.Integral) else list(axes)
+    axes = _checked_axes(name, axes)
+    axis_list = [axes] if isinstance(axes, int) else list(axes)
     ndim = len(shape)
     normalized = []
     for axis in axis_list:
@@ -358,8 +364,9 @@ def variance_scaling(
     scale = _check_nonnegative("scale", scale)
     mode = _check_choice("mode", mode, _MODES)
     distribution = _check_choice("distribution", distribution, _DISTRIBUTIONS)
-    for name, axes in (("in_axis", in_axis), ("out_axis", out_axis), ("batch_axis", batch_axis)):
-        _check_axes_type(name, axes)
+    in_axis = _checked_axes("in_axis", in_axis)
+    out_axis = _checked_axes("out_axis", out_axis)
+    batch_axis = _checked_axes("batch_axis", batch_axis)
     _check_dtype(dtype)
     sampler = jax.nn.initializers.variance_scaling(
         scale, mode, distribution, in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis

@@ -221,6 +221,20 @@ def test_gradient_norms_rejects_a_non_numeric_leaf_naming_its_path():
         diagnostics.gradient_norms({"params": {"Dense_0": {"kernel": np.array(["a"])}}})
 
 
+
+def test_gradient_norms_rejects_a_prng_key_leaf_naming_its_path():
+    # The whole nnx.state of a model with Dropout holds its Rngs' typed key.
+    state = {"dropout": {"rngs": {"key": jax.random.key(0)}}, "kernel": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"'dropout/rngs/key' is a PRNG key"):
+        diagnostics.gradient_norms(state)
+
+
+def test_gradient_norms_rejects_two_leaves_that_join_to_one_key():
+    # Either norm alone would be right; a dict keyed "a/b" could keep only one.
+    with pytest.raises(ValueError, match=r"same key 'a/b'"):
+        diagnostics.gradient_norms({"a/b": jnp.ones(1), "a": {"b": jnp.ones(4)}})
+
+
 # ---------------------------------------------------------------- activation_stats
 
 

@@ -161,6 +161,21 @@ def test_a_flax_batch_stats_dict_as_state_is_a_clear_error():
         nj.fold_batch_norm(jnp.ones((3, 4)), None, stats, None, None)
 
 
+def test_a_pytorch_layout_kernel_is_an_error_naming_the_kernel():
+    # nn.Linear(10, 6).weight is (6, 10): its last axis is the input.
+    state = nj.batch_norm_state(6)
+    with pytest.raises(ValueError, match=r"`kernel` must hold the output features.*\(6, 10\)"):
+        nj.fold_batch_norm(jnp.ones((6, 10)), None, state, None, None)
+    # Moved as the message says, it folds: the Flax layout's reference.
+    weight = np.random.default_rng(5).normal(size=(6, 10, 3, 3))
+    kernel = jnp.moveaxis(jnp.asarray(weight, jnp.float32), (0, 1), (-1, -2))
+    assert kernel.shape == (3, 3, 10, 6)
+    folded, _ = nj.fold_batch_norm(kernel, None, state, None, None)
+    expected, _ = ref.fold_batch_norm(np.transpose(weight, (2, 3, 1, 0)), None, np.zeros(6),
+                                      np.ones(6), None, None, epsilon=1e-5)
+    np.testing.assert_allclose(folded, expected, rtol=1e-6)
+
+
 def test_fold_under_rank_promotion_raise():
     # Users who set jax_numpy_rank_promotion="raise" get the same fold: the
     # per-output multiplier is broadcast explicitly.

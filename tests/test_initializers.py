@@ -233,6 +233,20 @@ def test_compute_fans_follows_torch_rule_in_both_layouts(torch_shape):
     assert ni.compute_fans(flax_shape) == expected
 
 
+@pytest.mark.parametrize("int_type", [np.int64, np.int32, int])
+def test_axes_may_be_numpy_ints(int_type):
+    # PyTorch's (out, in, kh, kw) layout: fan_in = 8 * 3 * 3 = 72, so He uniform's
+    # bound is sqrt(6 / 72). numpy ints reached jax's sampler as they came (a
+    # TypeError from inside jax at the first call).
+    init = ni.he_uniform(in_axis=int_type(1), out_axis=int_type(0), batch_axis=())
+    w = np.asarray(init(KEY, (16, 8, 3, 3)), np.float64)
+    bound = math.sqrt(6 / 72)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    chex.assert_trees_all_equal(w, np.asarray(ni.he_uniform(in_axis=1, out_axis=0)(KEY, w.shape)))
+    fans = ni.compute_fans((16, 8, 3, 3), in_axis=(int_type(1),), out_axis=int_type(0))
+    assert fans == (72, 144)
+
+
 def test_flax_layers_use_the_default_layout():
     # Flax's own Dense and Conv fix which kernel axes are inputs and outputs.
     # eval_shape reads the kernel shapes without compiling anything.
