@@ -203,6 +203,13 @@ def test_truncated_normal_constant_matches_scipy():
         pytest.param((3, 3, 16, 32), {}, (144, 288), id="flax_conv2d"),
         pytest.param((32, 16, 3, 3), {"in_axis": 1, "out_axis": 0}, (144, 288), id="torch_conv2d"),
         pytest.param((2, 3, 4, 8, 16), {}, (24 * 8, 24 * 16), id="flax_conv3d"),
+        # ConvTranspose(16) on 64 channels: Flax (3, 3, 64, 16); torch's weight is
+        # (64, 16, 3, 3), whose fans it takes as (16 * 9, 64 * 9).
+        pytest.param((3, 3, 64, 16), {}, (576, 144), id="flax_conv_transpose"),
+        pytest.param(
+            (3, 3, 64, 16), {"in_axis": -1, "out_axis": -2}, (144, 576),
+            id="flax_conv_transpose_as_torch",
+        ),
         pytest.param(
             (16, 8, 2, 3, 4), {"in_axis": 1, "out_axis": 0}, (192, 384), id="torch_conv3d"
         ),
