@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -261,6 +262,48 @@ def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tupl
 def stat_dtype(dtype: Any) -> jnp.dtype:
     """float32 for half-precision inputs, the input dtype otherwise."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Explicit sharding.
+
+
+def _explicit_mesh(tree: Any) -> Any:
+    """The mesh of the first array of ``tree`` typed over Explicit mesh axes, or None."""
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+        if getattr(mesh, "explicit_axes", ()):
+            return mesh
+    return None
+
+
+def auto_sharded(fn: Callable, like: Any, *args: Any) -> Any:
+    """``fn(*args)``, with any Explicit mesh axes of ``args`` made Auto inside
+    and the outputs given the shardings of ``like`` (a pytree of arrays in
+    the outputs' structure).
+
+    On a mesh of Explicit axes (``jax.make_mesh``'s default since jax 0.7),
+    every operation's sharding is part of its type, and several the
+    statistics need have none there: a one-entry slice of a batch-sharded
+    axis (the exact passes' sample), or a select between per-feature
+    statistics sharded like x's features and a state that is not. Inside
+    ``auto_axes`` XLA's partitioner places them, as it does on an Auto mesh,
+    and the outputs keep the inputs' shardings: y that of x, a running
+    state its own. Elsewhere ``fn`` runs as it is.
+    """
+    mesh = _explicit_mesh(args)
+    if mesh is None:
+        return fn(*args)
+
+    def sharding(a: Array) -> Any:
+        own = jax.typeof(a).sharding
+        # An array of no mesh (a state from batch_norm_state) stays replicated.
+        return own if own.mesh == mesh else jax.sharding.NamedSharding(mesh, P())
+
+    out_sharding = jax.tree.map(sharding, like)
+    return jax.sharding.auto_axes(fn, axes=mesh.explicit_axes, out_sharding=out_sharding)(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -763,7 +806,7 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
         offset = sets.total(d * (scale / 2)) * (2 / (size * scale))
     else:
         d = x
-        shift = offset = jnp.zeros_like(n)
+        offset = jnp.zeros((), x.dtype)
     # The plain sum clipped at float32's largest: where it overflowed, it then
     # falls short too, and the downscaled sum (exact there) gives the smaller
     # reciprocal std. Clipping the sum, not each square, costs no operation
@@ -790,6 +833,10 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     # downscaled * 2^152 by its exponent: XLA folds any product of constants
     # into one factor, and 2^152 is beyond float32.
     var = jnp.maximum(plain, jnp.ldexp(downscaled, -2 * _DOWNSCALE_EXPONENT))
+    if not center:
+        # Shaped (and, on a mesh, sharded) as the other statistics, as the
+        # guarded path's are: lax.platform_dependent needs both paths' types equal.
+        shift = offset = jnp.zeros_like(var)
     return Moments(shift, offset, var, inv_std, n)
 
 

@@ -303,20 +303,25 @@ def batch_norm(
         epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
-    if not training:
-        stats = _stats.running_moments(
-            p.state.mean, p.state.var, p.epsilon, p.feature_axes, p.x
-        )
-        return _stats.normalize(p.x, stats, p.scale, p.bias, p.feature_axes, p.dtype), p.state
-    y, stats = _stats.standardize(
-        p.x, p.reduction_axes, p.feature_axes, p.scale, p.bias, epsilon=p.epsilon, mask=p.mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=p.dtype,
-    )  # fmt: skip
-    new_state = _update_state(
-        p.state, stats, p.feature_shape, momentum=p.momentum, debias=debias,
-        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
-    )  # fmt: skip
-    return y, new_state
+
+    def normalized(x: Array, state: BatchNormState, scale: Array | None, bias: Array | None,
+                   mask: Array | None) -> tuple[Array, BatchNormState]:  # fmt: skip
+        if not training:
+            stats = _stats.running_moments(state.mean, state.var, p.epsilon, p.feature_axes, x)
+            return _stats.normalize(x, stats, scale, bias, p.feature_axes, p.dtype), state
+        y, stats = _stats.standardize(
+            x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=p.epsilon, mask=mask,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=p.dtype,
+        )  # fmt: skip
+        new_state = _update_state(
+            state, stats, p.feature_shape, momentum=p.momentum, debias=debias,
+            unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        return y, new_state
+
+    return _stats.auto_sharded(
+        normalized, (p.x, p.state), p.x, p.state, p.scale, p.bias, p.mask
+    )
 
 
 def batch_renorm(
@@ -378,45 +383,50 @@ def batch_renorm(
         epsilon=epsilon, mask=mask, axis_name=axis_name, dtype=dtype, debias=debias,
         unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
-    state = p.state
-    sets = {"mask": p.mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
-    # r and d need the batch statistics first; the output then comes from
-    # standardize with r and d folded into scale and bias, so that it is
-    # differentiated by its closed form, as batch_norm is. Through the moments,
-    # autodiff gave NaN gradients to an all-zero feature beside a constant one
-    # (rsqrt of a zero sum of squares), lost the xhat term at std 1e13, and
-    # took 5-10x batch norm's forward+backward time; now the same time (float32
-    # and bfloat16 64x32x32x64, forward and forward+backward), the statistics'
-    # second computation included.
-    batch = _stats.moments(lax.stop_gradient(p.x), p.reduction_axes, epsilon=p.epsilon, **sets)
-    running = _stats.running_moments(state.mean, state.var, p.epsilon, p.feature_axes, p.x)
-    # Correct only where both sides have statistics: a set the mask hides
-    # entirely has none (inv_std 0) and normalizes to the bias, as in batch_norm.
-    correct = (state.count > 0) & (batch.inv_std > 0)
-    safe_inv = jnp.where(correct, batch.inv_std, 1)
-    # sigma_B / sigma = inv_std_running / inv_std_batch.
-    r = jnp.where(correct, jnp.clip(running.inv_std / safe_inv, 1 / r_max, r_max), 1)
-    # mu_B - mu from the batch's shift and offset, not from mu_B rounded to
-    # float32: on data far from zero that rounding is large next to sigma.
-    shift = ((batch.shift - running.mean) + batch.offset) * running.inv_std
-    d = jnp.where(correct, jnp.clip(shift, -d_max, d_max), 0)
-    r = jnp.reshape(lax.stop_gradient(r), p.feature_shape)
-    d = jnp.reshape(lax.stop_gradient(d), p.feature_shape)
-    # ((x - mu_B) * inv_B * r + d) * scale + bias, with d in the bias: moved
-    # into the mean instead (x - (mu_B - d / (inv_B * r))), it overflows for x
-    # near float32's largest where x - mu_B does not.
-    scale, bias = p.scale, p.bias
-    corrected_scale = r if scale is None else r * scale.astype(r.dtype)
-    corrected_bias = d if scale is None else d * scale.astype(d.dtype)
-    if bias is not None:
-        corrected_bias = corrected_bias + bias.astype(d.dtype)
-    y, batch = _stats.standardize(
-        p.x, p.reduction_axes, p.feature_axes, corrected_scale, corrected_bias,
-        epsilon=p.epsilon, dtype=p.dtype, **sets,
-    )  # fmt: skip
-    new_state = _update_state(
-        state, batch, p.feature_shape, momentum=p.momentum, debias=debias,
-        unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
-    )  # fmt: skip
-    return y, new_state
+
+    def renormalized(x: Array, state: BatchNormState, scale: Array | None, bias: Array | None,
+                     mask: Array | None) -> tuple[Array, BatchNormState]:  # fmt: skip
+        sets = {"mask": mask, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
+        # r and d need the batch statistics first; the output then comes from
+        # standardize with r and d folded into scale and bias, so that it is
+        # differentiated by its closed form, as batch_norm is. Through the moments,
+        # autodiff gave NaN gradients to an all-zero feature beside a constant one
+        # (rsqrt of a zero sum of squares), lost the xhat term at std 1e13, and
+        # took 5-10x batch norm's forward+backward time; now the same time (float32
+        # and bfloat16 64x32x32x64, forward and forward+backward), the statistics'
+        # second computation included.
+        batch = _stats.moments(lax.stop_gradient(x), p.reduction_axes, epsilon=p.epsilon, **sets)
+        running = _stats.running_moments(state.mean, state.var, p.epsilon, p.feature_axes, x)
+        # Correct only where both sides have statistics: a set the mask hides
+        # entirely has none (inv_std 0) and normalizes to the bias, as in batch_norm.
+        correct = (state.count > 0) & (batch.inv_std > 0)
+        safe_inv = jnp.where(correct, batch.inv_std, 1)
+        # sigma_B / sigma = inv_std_running / inv_std_batch.
+        r = jnp.where(correct, jnp.clip(running.inv_std / safe_inv, 1 / r_max, r_max), 1)
+        # mu_B - mu from the batch's shift and offset, not from mu_B rounded to
+        # float32: on data far from zero that rounding is large next to sigma.
+        shift = ((batch.shift - running.mean) + batch.offset) * running.inv_std
+        d = jnp.where(correct, jnp.clip(shift, -d_max, d_max), 0)
+        r = jnp.reshape(lax.stop_gradient(r), p.feature_shape)
+        d = jnp.reshape(lax.stop_gradient(d), p.feature_shape)
+        # ((x - mu_B) * inv_B * r + d) * scale + bias, with d in the bias: moved
+        # into the mean instead (x - (mu_B - d / (inv_B * r))), it overflows for x
+        # near float32's largest where x - mu_B does not.
+        corrected_scale = r if scale is None else r * scale.astype(r.dtype)
+        corrected_bias = d if scale is None else d * scale.astype(d.dtype)
+        if bias is not None:
+            corrected_bias = corrected_bias + bias.astype(d.dtype)
+        y, batch = _stats.standardize(
+            x, p.reduction_axes, p.feature_axes, corrected_scale, corrected_bias,
+            epsilon=p.epsilon, dtype=p.dtype, **sets,
+        )  # fmt: skip
+        new_state = _update_state(
+            state, batch, p.feature_shape, momentum=p.momentum, debias=debias,
+            unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        return y, new_state
+
+    return _stats.auto_sharded(
+        renormalized, (p.x, p.state), p.x, p.state, p.scale, p.bias, p.mask
+    )
 

@@ -52,12 +52,16 @@ def _normalize_over(
     scale = _stats.checked_param(scale, fshape, "scale")
     bias = _stats.checked_param(bias, fshape, "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
-    y, _ = _stats.standardize(
-        x, reduction, features, scale, bias, epsilon=epsilon, mask=mask, center=center,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
-        channel_groups=channel_groups, dtype=x.dtype if dtype is None else dtype,
-    )  # fmt: skip
-    return y
+
+    def normalized(x: Array, scale: Array | None, bias: Array | None, mask: Array | None):
+        y, _ = _stats.standardize(
+            x, reduction, features, scale, bias, epsilon=epsilon, mask=mask, center=center,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            channel_groups=channel_groups, dtype=x.dtype if dtype is None else dtype,
+        )  # fmt: skip
+        return y
+
+    return _stats.auto_sharded(normalized, x, x, scale, bias, mask)
 
 
 def layer_norm(

@@ -7,6 +7,7 @@ device's unmasked entries, even when the masks differ per device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import chex
@@ -293,3 +294,94 @@ def test_shard_map_per_sample_norm_over_a_split_spatial_axis(mesh, op, masked):
     _close(np.asarray(y)[mask], reference[mask])
     y_one = fn(filled, scale, bias, mask=mask)
     _close(np.asarray(y)[mask], np.asarray(y_one, np.float64)[mask], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ jit on a mesh of Explicit axes
+
+
+@pytest.fixture(scope="module")
+def explicit_mesh():
+    # jax.make_mesh's default axis types are Explicit: every array's sharding is
+    # part of its type, and an operation with no sharding rule is an error.
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,) * 2
+    return mesh
+
+
+def _explicit_cases():
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=(8, 4, 4, 8)) * 2 + 3).astype(np.float32)
+    scale = rng.normal(size=8).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    running = (rng.normal(size=8).astype(np.float32), rng.uniform(1, 2, 8).astype(np.float32))
+    state = nj.BatchNormState(*running, jnp.asarray(3, jnp.int32))
+    # Each case: the op of (x, scale, bias), and its float64 output.
+    return x, scale, bias, {
+        "batch_norm": (
+            lambda x, s, b: nj.batch_norm(x, nj.batch_norm_state(8), s, b, training=True)[0],
+            ref.batch_norm_train(x, scale, bias),
+        ),
+        "batch_norm_eval": (
+            lambda x, s, b: nj.batch_norm(x, state, s, b, training=False)[0],
+            ref.batch_norm_eval(x, *running, scale, bias),
+        ),
+        "batch_renorm": (
+            lambda x, s, b: nj.batch_renorm(x, state, s, b, training=True, r_max=1.2, d_max=0.5)[0],
+            ref.batch_renorm_train(x, *running, scale, bias, r_max=1.2, d_max=0.5),
+        ),
+        "layer_norm": (
+            lambda x, s, b: nj.layer_norm(x, s, b), ref.layer_norm(x, scale, bias),
+        ),
+        "rms_norm": (lambda x, s, b: nj.rms_norm(x, s), ref.rms_norm(x, scale)),
+        "group_norm": (
+            lambda x, s, b: nj.group_norm(x, s, b, num_groups=2),
+            ref.group_norm(x, scale, bias, num_groups=2),
+        ),
+        "instance_norm": (
+            lambda x, s, b: nj.instance_norm(x, s, b), ref.instance_norm(x, scale, bias),
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [P("data", None, None, None), P(None, None, None, "model"), P("data", None, None, "model")],
+    ids=["batch", "features", "both"],
+)  # fmt: skip
+@pytest.mark.parametrize("set_mesh", [True, False], ids=["set_mesh", "sharded_input_only"])
+def test_jit_on_an_explicit_mesh_equals_float64(explicit_mesh, spec, set_mesh):
+    # A one-entry slice of a sharded axis and a select between differently
+    # sharded operands have no sharding rule there: each op raised a
+    # ShardingTypeError (or a mismatch of its paths' types) before.
+    x, scale, bias, cases = _explicit_cases()
+    xs = jax.device_put(x, NamedSharding(explicit_mesh, spec))
+    for name, (op, expected) in cases.items():
+        with jax.set_mesh(explicit_mesh) if set_mesh else contextlib.nullcontext():
+            y = jax.jit(op)(xs, scale, bias)
+        assert y.sharding.spec == spec, name
+        _close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec", [P("data", None, None, None), P(None, None, None, "model")], ids=["batch", "features"]
+)
+def test_grad_and_state_on_an_explicit_mesh(explicit_mesh, spec):
+    x, scale, bias, _ = _explicit_cases()
+    g = np.random.default_rng(22).normal(size=x.shape).astype(np.float32)
+    xs = jax.device_put(x, NamedSharding(explicit_mesh, spec))
+
+    def loss(x, norm):
+        if norm == "batch":
+            y, state = nj.batch_norm(x, nj.batch_norm_state(8), training=True)
+            return jnp.sum(y * g), state
+        return jnp.sum(nj.layer_norm(x) * g), None
+
+    for norm, axes, epsilon in (("batch", (0, 1, 2), 1e-5), ("layer", (3,), 1e-6)):
+        with jax.set_mesh(explicit_mesh):
+            dx, state = jax.jit(jax.grad(functools.partial(loss, norm=norm), has_aux=True))(xs)
+        assert dx.sharding.spec == spec
+        _close(dx, ref.normalize_grad(x, g, axes, epsilon), rtol=1e-4, atol=1e-4)
+        if state is not None:
+            mean, var, _ = ref.batch_stats(x)
+            _close(state.mean, mean)
+            _close(state.var, var)
