@@ -246,14 +246,20 @@ def instance_norm(
       The normalized array.
 
     Raises:
-      As :func:`layer_norm`; ValueError when no axis is left to reduce.
+      As :func:`layer_norm`; ValueError when ``feature_axes`` include the batch
+      axis 0, or no axis is left to reduce.
 
     Reference: Ulyanov, Vedaldi and Lempitsky 2016, arXiv:1607.08022.
     """
     x = _stats.check_floating(x)
     features = _stats.canonicalize_axes(feature_axes, x.ndim, "feature_axes")
     reduction = tuple(a for a in range(1, x.ndim) if a not in features)
-    if not reduction or 0 in features:
+    if 0 in features:
+        raise ValueError(
+            f"instance_norm's `feature_axes`={feature_axes!r} include axis 0, the batch "
+            f"axis, which it never reduces (input shape {x.shape}); give the channel axes."
+        )
+    if not reduction:
         raise ValueError(
             f"instance_norm reduces every axis but the batch axis 0 and `feature_axes`="
             f"{feature_axes!r}; for an input of shape {x.shape} that leaves nothing to reduce."

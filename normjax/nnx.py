@@ -24,12 +24,15 @@ non-batch axis unreduced; normjax's GroupNorm is right there.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
@@ -56,11 +59,25 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 # Shared private helpers: shapes and parameters. No maths here.
 
 
-def _as_shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
-    """``num_features`` as a shape: ``(n,)`` for an int, the tuple otherwise."""
-    if isinstance(num_features, int):
-        return (num_features,)
-    return tuple(int(n) for n in num_features)
+def _as_shape(num_features: int | Sequence[int], module: str) -> tuple[int, ...]:
+    """``num_features`` as a shape: ``(n,)`` for an integer (a numpy or a
+    concrete jax one too, as Flax takes), the tuple of a sequence of them."""
+
+    def size(n: Any) -> int:
+        integral = isinstance(n, numbers.Integral) or (
+            hasattr(n, "dtype") and jnp.ndim(n) == 0 and jnp.issubdtype(n.dtype, jnp.integer)
+        )
+        if isinstance(n, bool | np.bool_) or not integral or operator.index(n) < 0:
+            # "16" had become the shape (1, 6); 8.0 a TypeError from inside a loop.
+            raise TypeError(
+                f"{module}: `num_features` must be a non-negative int or a sequence of them, "
+                f"got {num_features!r}."
+            )
+        return operator.index(n)
+
+    if isinstance(num_features, Sequence) and not isinstance(num_features, str):
+        return tuple(size(n) for n in num_features)
+    return (size(num_features),)
 
 
 def _make_params(
@@ -93,13 +110,16 @@ def _feature_shape_of(module: Any, x: Array, axes: Axes, axes_name: str) -> tupl
     """``x``'s shape at ``axes``, checked against the module's ``num_features``.
 
     Flax NNX stores one flat ``(num_features,)`` vector even for several
-    feature axes; a feature shape with the same number of entries is accepted
-    and the parameters are reshaped to it.
+    feature axes; given an int, a feature shape with the same number of
+    entries is accepted and the parameters are reshaped to it. Given a shape,
+    x's must be that shape: (3, 4) parameters read as (4, 3) would mix up
+    which feature each belongs to.
     """
     with _errors_name(module):
         canonical = _stats.canonicalize_axes(axes, x.ndim, axes_name)
     found = tuple(x.shape[a] for a in canonical)
-    if math.prod(found) != math.prod(module.feature_shape):
+    expected = module.feature_shape
+    if (found != expected if len(expected) > 1 else math.prod(found) != math.prod(expected)):
         raise ValueError(
             f"{_describe(module)}: `x` has feature shape {found} at {axes_name}={axes!r}, "
             f"but the module was built with num_features={module.num_features!r}."
@@ -189,7 +209,7 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         skip_nonfinite: bool = True,
     ):
-        self.feature_shape = _as_shape(num_features)
+        self.feature_shape = _as_shape(num_features, _describe(self))
         initial = nj.batch_norm_state(self.feature_shape)
         self.mean = nnx.BatchStat(initial.mean)
         self.var = nnx.BatchStat(initial.var)
@@ -372,7 +392,7 @@ class _PerSampleNorm(nnx.Module):
         bias_metadata: Mapping[str, Any],
         scale_metadata: Mapping[str, Any],
     ):
-        self.feature_shape = _as_shape(num_features)
+        self.feature_shape = _as_shape(num_features, _describe(self))
         self.scale, self.bias = _make_params(
             self.feature_shape,
             use_scale=use_scale,

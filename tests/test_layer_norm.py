@@ -494,6 +494,14 @@ def test_instance_norm_feature_axes_out_of_range():
         nj.instance_norm(jnp.ones((2, 3, 4)), feature_axes=3)
 
 
+def test_instance_norm_feature_axes_with_the_batch_axis_name_it():
+    # Axes 1 and 2 are left to reduce: the error said that nothing was.
+    with pytest.raises(ValueError, match=r"include axis 0, the batch axis"):
+        nj.instance_norm(jnp.ones((4, 3, 8)), feature_axes=0)
+    with pytest.raises(ValueError, match=r"leaves nothing to reduce"):
+        nj.instance_norm(jnp.ones((4, 8)))
+
+
 def test_group_norm_reduction_axes_out_of_range():
     with pytest.raises(ValueError, match="reduction_axes"):
         nj.group_norm(jnp.ones((2, 3, 4)), num_groups=2, reduction_axes=(1, 3))

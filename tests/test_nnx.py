@@ -271,6 +271,44 @@ def test_feature_count_mismatch_is_a_clear_error(index):
         jax.eval_shape(lambda x: module(x), jnp.ones((4, 3, 8)))
 
 
+@pytest.mark.parametrize("cls", [njx.BatchNorm, njx.LayerNorm])
+def test_a_feature_shape_given_must_match_not_only_its_size(cls):
+    # (3, 4) parameters read as (4, 3) or (2, 6) would be the wrong features'.
+    if cls is njx.BatchNorm:
+        axes = {"axis": (1, 2), "use_running_average": False}
+    else:
+        axes = {"feature_axes": (1, 2), "reduction_axes": (1, 2)}
+    module = cls((3, 4), rngs=_rngs(), **axes)
+    for shape in [(8, 4, 3), (8, 2, 6)]:
+        with pytest.raises(ValueError, match=rf"feature shape \({shape[1]}, {shape[2]}\)"):
+            jax.eval_shape(module, jnp.ones(shape))
+    # A flat count, as Flax stores it, takes any feature shape of that size.
+    x = np.random.default_rng(31).normal(size=(8, 4, 3)) + 1
+    y = np.asarray(cls(12, rngs=_rngs(), **axes)(jnp.asarray(x, jnp.float32)), np.float64)
+    if cls is njx.BatchNorm:
+        expected = ref.batch_norm_train(x, axis=(1, 2))
+    else:
+        expected = ref.layer_norm(x, reduction_axes=(1, 2), feature_axes=(1, 2))
+    np.testing.assert_allclose(y, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "num_features", [np.int64(8), np.int32(8), jnp.int32(8), (np.int64(2), 4)]
+)
+def test_num_features_may_be_a_numpy_or_jax_integer(num_features):
+    # As Flax takes them; a numpy int was "'numpy.int64' object is not iterable".
+    module = njx.LayerNorm(num_features, rngs=_rngs())
+    expected = (8,) if np.ndim(num_features) == 0 else (2, 4)
+    assert module.scale[...].shape == expected
+
+
+@pytest.mark.parametrize("bad", [8.0, None, "16", True, -1, (2, 4.0)])
+def test_num_features_of_another_type_is_a_clear_error(bad):
+    # "16" had become the shape (1, 6), and (2, 4.0) the shape (2, 4).
+    with pytest.raises(TypeError, match=r"normjax\.nnx\.LayerNorm: `num_features` must be"):
+        njx.LayerNorm(bad, rngs=_rngs())
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_mask_of_the_wrong_shape_is_a_clear_error(index):
     module = _modules(6)[index]
