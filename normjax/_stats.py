@@ -217,8 +217,9 @@ def group_count(channels: int, num_groups: Any, group_size: Any) -> int:
 
 
 def checked_param(param: Any, expected: tuple[int, ...], name: str) -> Array | None:
-    """``param`` (None, an array or a nested list of numbers) as an array of
-    the feature shape ``expected``; TypeError or ValueError naming it otherwise."""
+    """``param`` (None, an array or a nested list of real numbers) as a floating
+    array of the feature shape ``expected`` (integers as float32, as integer
+    inputs are normalized as floats); TypeError or ValueError naming it otherwise."""
     if param is None:
         return None
     try:
@@ -227,6 +228,13 @@ def checked_param(param: Any, expected: tuple[int, ...], name: str) -> Array | N
         raise TypeError(f"`{name}` must be an array of numbers, got {param!r}.") from None
     if not jnp.issubdtype(param.dtype, jnp.number):
         raise TypeError(f"`{name}` must be an array of numbers, got dtype {param.dtype}.")
+    if jnp.issubdtype(param.dtype, jnp.complexfloating):
+        # Cast to the real output, its imaginary part was dropped with only a warning.
+        raise TypeError(f"`{name}` must be real, got dtype {param.dtype}.")
+    if not jnp.issubdtype(param.dtype, jnp.floating):
+        # An integer scale's tangent is float0: the bfloat16 derivative rule
+        # failed on it ("setting an array element with a sequence").
+        param = param.astype(jnp.promote_types(param.dtype, jnp.float32))
     if tuple(param.shape) != tuple(expected):
         raise ValueError(
             f"`{name}` must have the feature shape {tuple(expected)}, "
@@ -243,8 +251,8 @@ def broadcast_mask(mask: Array | None, shape: tuple[int, ...]) -> Array | None:
     if mask.dtype != jnp.bool_:
         raise TypeError(f"`mask` must be a boolean array, got dtype {mask.dtype}.")
     try:
-        np.broadcast_shapes(mask.shape, shape)
-        if np.broadcast_shapes(mask.shape, shape) != tuple(shape):
+        # jnp's, not np's: it takes symbolic dimensions (jax.export).
+        if jnp.broadcast_shapes(mask.shape, shape) != tuple(shape):
             raise ValueError
     except ValueError:
         raise ValueError(
@@ -257,6 +265,16 @@ def broadcast_mask(mask: Array | None, shape: tuple[int, ...]) -> Array | None:
 def feature_shape(shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of scale, bias and running statistics: ``x``'s at the feature axes."""
     return tuple(shape[a] for a in feature_axes)
+
+
+def surely(predicate: Callable[[], Any]) -> bool:
+    """Whether a comparison of shapes holds for sure: False where it depends on
+    a symbolic dimension (``jax.export`` with a polymorphic batch size). Only
+    the choice of a faster path rests on such comparisons."""
+    try:
+        return bool(predicate())
+    except jax.errors.InconclusiveDimensionOperation:
+        return False
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
@@ -347,7 +365,8 @@ class _Sets(NamedTuple):
 
     def size(self, shape: tuple[int, ...]) -> int:
         """The number of entries in each set on this device, mask aside."""
-        size = int(np.prod([shape[a] for a in self.axes]))
+        # math.prod, not int(np.prod): a symbolic dimension (jax.export) stays one.
+        size = math.prod(shape[a] for a in self.axes)
         if self.channel_groups is not None:
             size *= shape[-1] // self.channel_groups
         return size
@@ -393,10 +412,13 @@ class _Sets(NamedTuple):
         devices in order is shifted exactly as on one device (within index
         groups, the largest: one of the samples, all the same).
         """
-        if any(x.shape[a] == 0 for a in self.axes):
+        if any(surely(lambda a=a: x.shape[a] == 0) for a in self.axes):
             # Empty sets have no entry to take, and any shift serves them.
             return jnp.zeros(_reduced_shape(x.shape, self.axes), x.dtype)
-        longest = max(self.axes, key=lambda a: x.shape[a], default=None)
+        # Of the axes of known size: a symbolic one (jax.export) has no k-th
+        # entry to slice for sure, but always its first.
+        known = [a for a in self.axes if isinstance(x.shape[a], int)]
+        longest = max(known, key=lambda a: x.shape[a], default=None)
         for a in self.axes:
             i = k % x.shape[a] if a == longest else 0
             x = lax.slice_in_dim(x, i, i + 1, axis=a)
@@ -456,7 +478,11 @@ def _distinct_shifts(x: Array, axes: tuple[int, ...]) -> bool:
     expression and fuses into its reduction. Rows (layer norm) already compile
     to one fusion.
     """
-    return bool(axes) and x.ndim - 1 not in axes and max(x.shape[a] for a in axes) >= 3
+    return (
+        bool(axes)
+        and x.ndim - 1 not in axes
+        and any(surely(lambda a=a: x.shape[a] >= 3) for a in axes)
+    )
 
 
 def _split_groups(v: Array, channel_groups: int) -> Array:
@@ -527,6 +553,17 @@ def _exact_downscale(inv_std: Array) -> Array:
     exponent_bits = ((1 << info.nexp) - 1) << info.nmant
     power = lax.bitcast_convert_type(bits & np.array(exponent_bits, bits.dtype), inv_std.dtype)
     return jnp.where(power > 0, jnp.minimum(power, 1), 1).astype(inv_std.dtype)
+
+
+def _inverse_power_of_two(n: Any, dtype: Any) -> Any:
+    """``2^-ceil(log2(n))``, the largest power of two at most ``1 / n`` (n >= 1
+    entries): a Python float, or for a symbolic ``n`` (``jax.export`` with a
+    polymorphic batch) the same power in ``dtype``, found as the program runs."""
+    if isinstance(n, int):
+        return 2.0 ** -math.ceil(math.log2(max(n, 1)))
+    count = jnp.maximum(jnp.asarray(n, jnp.int32), 1)
+    # ceil(log2(count)) from the bits of count - 1: 0 for 1, 1 for 2, 2 for 3 and 4.
+    return jnp.ldexp(jnp.ones((), dtype), lax.clz(count - 1) - 32)
 
 
 def _reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -647,8 +684,7 @@ def _two_passes(
     # exactly, and neither it nor the sum can overflow, where x - shift can
     # (entries of opposite signs near float32's largest). (p sized for one
     # device's entries, 4 devices' sums of deviations of 1e38 overflowed.)
-    entries = sets.size(raw.shape) * sets.devices()
-    p = 2.0 ** -(math.ceil(math.log2(max(entries, 1))) + 1)
+    p = _inverse_power_of_two(sets.size(raw.shape) * sets.devices(), dtype) * 0.5
     x, shift = _own_conversion(raw, dtype, shift)
     offset = sets.total(counted(x * p - shift * p)) * (inv_n / p)
     # The squares and the output subtract the mean (in dtype, then what is
@@ -719,7 +755,7 @@ def _branch_free_allowed(raw: Array, sets: _Sets) -> bool:
         stat_dtype(raw.dtype) == jnp.float32
         and sets.mask is None
         and sets.axis_name is None
-        and sets.size(raw.shape) > 0
+        and surely(lambda: sets.size(raw.shape) > 0)
     )
 
 
@@ -743,8 +779,8 @@ def _branch_free_on_cpu(raw: Array, sets: _Sets, center: bool) -> bool:
     """
     return (
         center
-        and raw.size > _BRANCH_FREE_ABOVE
-        and sets.size(raw.shape) <= _BRANCH_FREE_ROWS_UP_TO
+        and surely(lambda: raw.size > _BRANCH_FREE_ABOVE)
+        and surely(lambda: sets.size(raw.shape) <= _BRANCH_FREE_ROWS_UP_TO)
         and raw.dtype == jnp.bfloat16
         and raw.ndim - 1 in sets.axes
         and sets.channel_groups is None
@@ -774,7 +810,9 @@ def _branch_free(raw: Array, sets: _Sets, epsilon: float, center: bool) -> Momen
     n = sets.count(x.shape, x.dtype)
     if center:
         size = sets.size(x.shape)
-        scale = 2.0 ** -math.ceil(math.log2(size))
+        scale = _inverse_power_of_two(size, x.dtype)
+        if not isinstance(size, int):
+            size = jnp.asarray(size, x.dtype)
         if raw.dtype == x.dtype:
             # float32 x (off the CPU): a sample of the set plus the mean of the
             # deviations from it. The deviations are differences of x and the
@@ -1140,6 +1178,9 @@ def standardize(
     """
     if axis_index_groups is not None:
         axis_index_groups = tuple(tuple(group) for group in axis_index_groups)
+    if isinstance(axis_name, list):
+        # lax.psum takes a list of axis names; the cache of ops needs it hashable.
+        axis_name = tuple(axis_name)
     op = _standardize_op(
         tuple(axes), tuple(feature_axes), float(epsilon), jnp.dtype(dtype), axis_name,
         axis_index_groups, center, channel_groups,
@@ -1235,7 +1276,7 @@ def _standardize_op(
         # and page-faults on all of it (bfloat16 layer norm 65536x64 fwd+bwd,
         # temp 33 MB: 8400 faults a call). Only on large inputs: on small ones
         # the extra expression costs more than the buffer it saves.
-        large = x.size >= 2**20
+        large = surely(lambda: x.size >= 2**20)
 
         # d xhat = inv_std * (dx - mean(dx) - xhat * mean(xhat * dx)). inv_std,
         # and scale wherever inv_std * scale is smaller than x (batch, instance
@@ -1249,7 +1290,9 @@ def _standardize_op(
         factor_scale = False
         if scale is not None:
             scale_b = _broadcast_feature(scale, x.ndim, feature_axes).astype(cdt)
-            factor_scale = np.prod(np.broadcast_shapes(inv.shape, scale_b.shape)) < x.size
+            factor_scale = surely(
+                lambda: math.prod(jnp.broadcast_shapes(inv.shape, scale_b.shape)) < x.size
+            )
             if factor_scale:
                 mul = inv * scale_b
         rms_with_scale = not center and scale is not None and not factor_scale
@@ -1397,7 +1440,7 @@ def _standardize_op(
                     # (layer norm 4096x768 fwd+bwd: 6.3 -> 5.8 ms; bfloat16
                     # 65536x64: 16.8 -> 13.1 ms).
                     direct = (jnp.abs(mul) if cpu else mul) * dxc
-                    short_rows = sets.size(x.shape) <= 1024
+                    short_rows = not surely(lambda: sets.size(x.shape) > 1024)
                     long_rows = cpu and large and not short_rows
                     # bfloat16 rows of more than 1024: the row sum's xhat of its
                     # own too (with the scale gradient's, below), from statistics

@@ -131,8 +131,8 @@ def _prepare(
     scale = _stats.checked_param(scale, fshape, "scale")
     bias = _stats.checked_param(bias, fshape, "bias")
     mask = _stats.broadcast_mask(mask, x.shape)
-    per_feature = int(np.prod([x.shape[a] for a in reduction_axes]))
-    if training and axis_name is None and per_feature <= 1:
+    per_feature = math.prod(x.shape[a] for a in reduction_axes)
+    if training and axis_name is None and _stats.surely(lambda: per_feature <= 1):
         raise ValueError(
             f"batch_norm in training needs more than one value per feature to compute a "
             f"variance, got input shape {x.shape} with feature axes {feature_axes} "
@@ -282,7 +282,9 @@ def batch_norm(
         batch statistics are not finite, or when the mask hides a feature
         entirely (the one count is shared by all features). The output still
         shows the NaN. Without it, a hidden feature keeps its running values
-        and the others update.
+        and the others update, and the shared count advances: with
+        ``debias``, a feature hidden from the first batches is later
+        averaged with its initial mean 0 and variance 1.
       dtype: output dtype; ``x.dtype`` by default.
 
     Returns:

@@ -695,6 +695,35 @@ def test_scale_and_bias_as_lists_equal_arrays():
         nj.batch_norm(x, state, [None, None, None], training=True)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_integer_scale_and_bias_differentiate_as_floats(dtype):
+    # An integer scale's tangent is float0: the bfloat16 evaluation derivative
+    # failed on it ("setting an array element with a sequence").
+    x = _normal(71, (6, 4)).astype(dtype)
+    mean, var = jnp.asarray([0.5, -1.0, 2.0, 0.0]), jnp.asarray([1.0, 4.0, 0.25, 2.0])
+    state = nj.BatchNormState(mean, var, jnp.asarray(3, jnp.int32))
+    scale, bias = jnp.asarray([1, 2, 3, -1], jnp.int32), jnp.asarray([0, 1, -2, 5], jnp.int32)
+    g = np.random.default_rng(72).normal(size=(6, 4))
+
+    def loss(x):
+        y = nj.batch_norm(x, state, scale, bias, training=False)[0]
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    dx = np.asarray(jax.grad(loss)(x), np.float64)
+    # y = (x - mean) * scale / sqrt(var + eps) + bias: dx = g * scale / sqrt(var + eps).
+    expected = g * np.asarray(scale) / np.sqrt(np.asarray(state.var, np.float64) + 1e-5)
+    np.testing.assert_allclose(dx, expected, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
+def test_complex_scale_or_bias_is_a_type_error_naming_it():
+    # It was cast to the real output with only a (hidden) warning.
+    x, state = _normal(73, (6, 3)), nj.batch_norm_state(3)
+    with pytest.raises(TypeError, match="`scale` must be real, got dtype complex64"):
+        nj.batch_norm(x, state, jnp.asarray([1 + 2j, 1j, 2], jnp.complex64), training=True)
+    with pytest.raises(TypeError, match="`bias` must be real"):
+        nj.layer_norm(x, None, jnp.asarray([1j, 0, 0], jnp.complex64))
+
+
 @pytest.mark.parametrize("box", [np.float32, jnp.float32, jnp.asarray, np.asarray])
 def test_concrete_scalar_hyperparameters_equal_python_numbers(box):
     # Flax's BatchNorm takes momentum=jnp.float32(0.9); so do these, as the

@@ -385,3 +385,18 @@ def test_grad_and_state_on_an_explicit_mesh(explicit_mesh, spec):
             mean, var, _ = ref.batch_stats(x)
             _close(state.mean, mean)
             _close(state.var, var)
+
+
+@pytest.mark.parametrize("op", [nj.batch_norm, nj.batch_renorm])
+@pytest.mark.parametrize("names", [["outer", "inner"], ("outer", "inner")])
+def test_axis_name_may_be_a_list_as_in_psum(op, names):
+    # lax.psum takes a list; the list was "unhashable type: 'list'". (From a
+    # fresh state, renorm's r and d are 1 and 0: batch norm.)
+    x = _batch(9)
+    per_example = x.reshape(4, 2, 4, FEATURES)
+
+    def local(x):
+        return op(x, nj.batch_norm_state(FEATURES), training=True, axis_name=names)[0]
+
+    y = jax.vmap(jax.vmap(local, axis_name="inner"), axis_name="outer")(per_example)
+    _close(np.asarray(y).reshape(x.shape), ref.batch_norm_train(x))

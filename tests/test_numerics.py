@@ -1318,3 +1318,59 @@ def test_branch_free_statistics_have_the_closed_form_derivative(center):
                       (tangents.inv_std, d_inv_std)):
         got = np.asarray(got, np.float64).reshape(-1)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
+
+
+# ---------------------------------------------------------------- jax.export
+
+
+@pytest.mark.parametrize("loc", [0.0, 1e4], ids=["one_pass", "exact_passes"])
+def test_export_with_a_symbolic_batch_equals_float64(loc):
+    # Shape comparisons that choose a faster path, and the power of two the
+    # exact passes scale by, read the batch size: a symbolic one was
+    # InconclusiveDimensionOperation at trace time for every op but RMS norm.
+    from jax import export
+
+    (b,) = export.symbolic_shape("b")
+    rng = np.random.default_rng(41)
+    scale, bias = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    running = nj.BatchNormState(
+        jnp.full(16, loc, jnp.float32), jnp.full(16, 2.0, jnp.float32), jnp.asarray(1, jnp.int32)
+    )
+    cases = {
+        "layer_norm": (lambda x: nj.layer_norm(x, scale, bias), ref.layer_norm),
+        "rms_norm": (lambda x: nj.rms_norm(x, scale), ref.rms_norm),
+        "group_norm": (
+            lambda x: nj.group_norm(x, scale, bias, num_groups=4),
+            lambda x, s, b: ref.group_norm(x, s, b, num_groups=4),
+        ),
+        "instance_norm": (lambda x: nj.instance_norm(x, scale, bias), ref.instance_norm),
+        "layer_norm_masked": (
+            lambda x: nj.layer_norm(x, scale, bias, mask=x > loc),
+            lambda x, s, b: np.where(x > loc, ref.layer_norm(x, s, b, mask=x > loc), 0),
+        ),
+        "batch_norm_eval": (
+            lambda x: nj.batch_norm(x, running, scale, bias, training=False)[0],
+            lambda x, s, b: ref.batch_norm_eval(x, running.mean, running.var, s, b),
+        ),
+        "batch_norm": (
+            lambda x: nj.batch_norm(x, running, scale, bias, training=True),
+            lambda x, s, b: ref.batch_norm_train(x, s, b),
+        ),
+    }
+    for name, (op, expected) in cases.items():
+        exported = export.export(jax.jit(op))(jax.ShapeDtypeStruct((b, 4, 3, 16), jnp.float32))
+        for batch in (3, 6):
+            x = (loc + rng.normal(size=(batch, 4, 3, 16))).astype(np.float32)
+            out = exported.call(x)
+            y = out[0] if name == "batch_norm" else out
+            if name == "layer_norm_masked":
+                y = np.where(x > loc, y, 0)  # a hidden entry's output is not specified
+            want = expected(x, scale, bias) if name != "rms_norm" else expected(x, scale)
+            np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{name}, batch {batch}")  # fmt: skip
+            if name == "batch_norm":
+                mean, var, _ = ref.batch_stats(x)
+                # One step from a count of 1 with momentum 0.99, debiased.
+                w = 0.01 / (1 - 0.99**2)
+                np.testing.assert_allclose(out[1].mean, (1 - w) * loc + w * mean, rtol=1e-5)
+                np.testing.assert_allclose(out[1].var, (1 - w) * 2.0 + w * var, rtol=1e-4)
