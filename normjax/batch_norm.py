@@ -88,6 +88,9 @@ class _Prepared(NamedTuple):
     dtype: Any
     scale: Array | None
     bias: Array | None
+    debias: bool
+    unbiased_running_var: bool
+    skip_nonfinite: bool
 
 
 def _prepare(
@@ -103,14 +106,16 @@ def _prepare(
     mask: Array | None,
     axis_name: Hashable | None,
     dtype: Any,
-    **flags: Any,
+    debias: bool,
+    unbiased_running_var: bool,
+    skip_nonfinite: bool,
 ) -> _Prepared:
-    """Validates every argument at trace time; returns the canonical pieces.
-    ``flags``: the boolean options (debias, ...), checked only."""
+    """Validates every argument at trace time; returns the canonical pieces."""
     x = _stats.check_floating(x)
     training = _stats.check_bool(training, "training")
-    for name, flag in flags.items():
-        _stats.check_bool(flag, name)
+    debias = _stats.check_bool(debias, "debias")
+    unbiased_running_var = _stats.check_bool(unbiased_running_var, "unbiased_running_var")
+    skip_nonfinite = _stats.check_bool(skip_nonfinite, "skip_nonfinite")
     feature_axes = _stats.canonicalize_axes(axis, x.ndim, "axis")
     reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     fshape = _stats.feature_shape(x.shape, feature_axes)
@@ -142,8 +147,14 @@ def _prepare(
     out_dtype = x.dtype if dtype is None else _stats.check_float_dtype(dtype)
     return _Prepared(
         x, state, feature_axes, reduction_axes, fshape, mask, epsilon, momentum, out_dtype,
-        scale, bias,
+        scale, bias, debias, unbiased_running_var, skip_nonfinite,
     )  # fmt: skip
+
+
+def _run(p: _Prepared, body: Any) -> tuple[Array, BatchNormState]:
+    """``body(x, state, scale, bias, mask)`` on the prepared arrays, y sharded
+    as x and the new state as the state (see :func:`_stats.auto_sharded`)."""
+    return _stats.auto_sharded(body, (p.x, p.state), p.x, p.state, p.scale, p.bias, p.mask)
 
 
 def _checked_state(state: Any) -> BatchNormState:
@@ -168,23 +179,16 @@ def _checked_state(state: Any) -> BatchNormState:
     return BatchNormState(mean, var, count)
 
 
-def _update_state(
-    state: BatchNormState,
-    batch: Moments,
-    fshape: tuple[int, ...],
-    *,
-    momentum: float | None,
-    debias: bool,
-    unbiased_running_var: bool,
-    skip_nonfinite: bool,
-) -> BatchNormState:
+def _update_state(state: BatchNormState, batch: Moments, p: _Prepared) -> BatchNormState:
     """One step of the running averages: ``new = old + w * (batch - old)``,
-    in at least float32 (then rounded to the state's dtype)."""
+    in at least float32 (then rounded to the state's dtype), with ``p``'s
+    momentum and options."""
+    fshape, momentum, debias = p.feature_shape, p.momentum, p.debias
     dtype = jnp.result_type(state.mean)
     wdtype = _stats.stat_dtype(dtype)
     mean = batch.mean.reshape(fshape).astype(wdtype)
     var = batch.var
-    if unbiased_running_var:
+    if p.unbiased_running_var:
         n = batch.count
         var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
     var = var.reshape(fshape).astype(wdtype)
@@ -222,7 +226,7 @@ def _update_state(
 
     updated = BatchNormState(averaged(state.mean, mean), averaged(state.var, var), count)
     mean, var = mean.astype(dtype), var.astype(dtype)
-    if not skip_nonfinite:
+    if not p.skip_nonfinite:
         return updated
     # Halved, mean + var is not finite exactly when one of them is not: one
     # reduction. Unhalved, the sum overflows for values the state holds (a
@@ -315,15 +319,9 @@ def batch_norm(
             x, p.reduction_axes, p.feature_axes, scale, bias, epsilon=p.epsilon, mask=mask,
             axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=p.dtype,
         )  # fmt: skip
-        new_state = _update_state(
-            state, stats, p.feature_shape, momentum=p.momentum, debias=debias,
-            unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
-        )  # fmt: skip
-        return y, new_state
+        return y, _update_state(state, stats, p)
 
-    return _stats.auto_sharded(
-        normalized, (p.x, p.state), p.x, p.state, p.scale, p.bias, p.mask
-    )
+    return _run(p, normalized)
 
 
 def batch_renorm(
@@ -422,13 +420,7 @@ def batch_renorm(
             x, p.reduction_axes, p.feature_axes, corrected_scale, corrected_bias,
             epsilon=p.epsilon, dtype=p.dtype, **sets,
         )  # fmt: skip
-        new_state = _update_state(
-            state, batch, p.feature_shape, momentum=p.momentum, debias=debias,
-            unbiased_running_var=unbiased_running_var, skip_nonfinite=skip_nonfinite,
-        )  # fmt: skip
-        return y, new_state
+        return y, _update_state(state, batch, p)
 
-    return _stats.auto_sharded(
-        renormalized, (p.x, p.state), p.x, p.state, p.scale, p.bias, p.mask
-    )
+    return _run(p, renormalized)
 
