@@ -56,7 +56,12 @@ def batch_norm_state(
 
     Returns:
       A :class:`BatchNormState`.
+
+    Raises:
+      TypeError: ``feature_shape`` is not a non-negative int or a sequence of
+        them; ``dtype`` is not floating.
     """
+
     def size(d: Any) -> bool:
         return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
 
@@ -303,6 +308,10 @@ def batch_norm(
         shape; momentum outside [0, 1) in training ([0, 1] in evaluation, which
         does not use it); epsilon not finite or below float32's smallest
         normal number; one value per feature in training.
+
+    Reference: Ioffe and Szegedy, ICML 2015, arXiv:1502.03167, Algorithm 1
+    (training) and 2 (inference); the debiased average as Kingma and Ba,
+    ICLR 2015, arXiv:1412.6980, section 3.
     """
     p = _prepare(
         x, state, scale, bias, training=training, axis=axis, momentum=momentum,

@@ -52,6 +52,8 @@ def fold_batch_norm(
       TypeError: a non-floating kernel; a state that is not a BatchNormState.
       ValueError: shapes that do not match the kernel's output features;
         epsilon not finite or below float32's smallest normal number.
+
+    Reference: Jacob et al., CVPR 2018, arXiv:1712.05877, section 3.2.
     """
     kernel = _stats.check_floating(kernel, "kernel")
     if kernel.ndim < 2:

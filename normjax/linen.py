@@ -1,13 +1,14 @@
 """Flax linen normalization modules over normjax's functional core.
 
-Each module here is a drop-in replacement for the ``flax.linen`` module of the
-same name: the same constructor fields with the same defaults and order, the
-same ``__call__`` signature and the same variable names (``params/scale``,
-``params/bias``, ``batch_stats/mean``, ``batch_stats/var``), plus
-``batch_stats/count`` and normjax's options (``debias``,
-``unbiased_running_var``, ``skip_nonfinite``; ``r_max`` and ``d_max`` for
-:class:`BatchRenorm`). Swapping ``flax.linen.BatchNorm`` for
-``normjax.linen.BatchNorm`` is a one-line change.
+Each module here but :class:`BatchRenorm` (which Flax lacks; it takes
+:class:`BatchNorm`'s fields plus ``r_max`` and ``d_max``) is a drop-in
+replacement for the ``flax.linen`` module of the same name: the same
+constructor fields with the same defaults and order, the same ``__call__``
+signature and the same variable names (``params/scale``, ``params/bias``,
+``batch_stats/mean``, ``batch_stats/var``), plus ``batch_stats/count`` and
+normjax's options (``debias``, ``unbiased_running_var``, ``skip_nonfinite``;
+``r_max`` and ``d_max`` for :class:`BatchRenorm`). Swapping
+``flax.linen.BatchNorm`` for ``normjax.linen.BatchNorm`` is a one-line change.
 
 The modules hold no maths: they create the parameters and running statistics
 and pass them to :func:`normjax.batch_norm`, :func:`normjax.batch_renorm`,
@@ -19,7 +20,9 @@ Differences from Flax, all deliberate:
 
 * ``debias`` defaults to True (as in :func:`normjax.batch_norm`): the running
   averages are bias-corrected, so they are usable from the first step.
-  ``debias=False`` reproduces Flax's running averages exactly.
+  ``debias=False`` takes Flax's running-average update; its values match
+  Flax's to float tolerance (the batch statistics are computed stably, so
+  they round differently from Flax's fast variance).
 * ``use_fast_variance`` and ``force_float32_reductions`` are accepted for
   compatibility and ignored: normjax always computes statistics in at least
   float32 with a numerically stable variance.
@@ -198,11 +201,13 @@ class BatchNorm(nn.Module):
       force_float32_reductions: accepted for compatibility with Flax and
         ignored: statistics are always computed in at least float32.
       debias: bias-correct the running averages (True, the default) so they
-        are usable from the first update; False reproduces Flax exactly.
+        are usable from the first update; False takes Flax's update (to float
+        tolerance: the batch statistics round differently).
       unbiased_running_var: store the unbiased (n - 1) batch variance in the
         running variance, as PyTorch does.
-      skip_nonfinite: leave the statistics unchanged on a batch with a
-        non-finite value.
+      skip_nonfinite: leave the running statistics and count unchanged when the
+        batch statistics are not finite (a NaN the mask hides does not count),
+        or when the mask hides a feature entirely (see :func:`normjax.batch_norm`).
 
     Reference:
       Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network

@@ -1,14 +1,15 @@
 """Flax NNX normalization modules over normjax's functional core.
 
-Each module here is a drop-in replacement for the ``flax.nnx`` module of the
-same name: ``num_features`` first, ``rngs`` keyword, the same keyword
-arguments and defaults, ``nnx.Param`` scale and bias, ``nnx.BatchStat``
-running ``mean`` and ``var`` plus ``count`` (an int32 scalar), and
-``model.train()`` / ``model.eval()`` switch :class:`BatchNorm` and
-:class:`BatchRenorm` through their ``use_running_average`` attribute as they
-switch ``nnx.BatchNorm``. normjax's options (``debias``,
-``unbiased_running_var``, ``skip_nonfinite``; ``r_max``, ``d_max``) are
-extra keywords.
+Each module here but :class:`BatchRenorm` (which Flax lacks; it takes
+:class:`BatchNorm`'s arguments plus ``r_max`` and ``d_max``) is a drop-in
+replacement for the ``flax.nnx`` module of the same name: ``num_features``
+first, ``rngs`` keyword, the same keyword arguments and defaults,
+``nnx.Param`` scale and bias, ``nnx.BatchStat`` running ``mean`` and
+``var`` plus ``count`` (an int32 scalar), and ``model.train()`` /
+``model.eval()`` switch :class:`BatchNorm` and :class:`BatchRenorm` through
+their ``use_running_average`` attribute as they switch ``nnx.BatchNorm``.
+normjax's options (``debias``, ``unbiased_running_var``, ``skip_nonfinite``;
+``r_max``, ``d_max``) are extra keywords.
 
 The modules hold no maths: every number comes from :func:`normjax.batch_norm`,
 :func:`normjax.batch_renorm`, :func:`normjax.layer_norm`,
@@ -175,9 +176,12 @@ class BatchNorm(nnx.Module):
       bias_metadata: metadata of the bias ``nnx.Param``.
       scale_metadata: metadata of the scale ``nnx.Param``.
       debias: bias-correct the running averages (True, the default); False
-        reproduces Flax exactly.
+        takes Flax's update (to float tolerance: the batch statistics round
+        differently).
       unbiased_running_var: store the unbiased (n - 1) batch variance.
-      skip_nonfinite: leave the statistics unchanged on a non-finite batch.
+      skip_nonfinite: leave the running statistics and count unchanged when the
+        batch statistics are not finite (a NaN the mask hides does not count),
+        or when the mask hides a feature entirely (see :func:`normjax.batch_norm`).
 
     Reference:
       Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network
