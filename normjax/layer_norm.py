@@ -162,10 +162,11 @@ def group_norm(
 
     Channels are on the last axis. Within each group the statistics are taken
     over every axis but the leading batch axis (or over ``reduction_axes``,
-    which must then include the channel axis, as in Flax).
+    which must then include the channel axis, as in Flax); a 1-D ``x`` is one
+    example's channels.
 
     Args:
-      x: floating input ``(batch, ..., channels)``.
+      x: floating input ``(batch, ..., channels)``, or ``(channels,)``.
       scale: optional gamma, ``(channels,)``.
       bias: optional beta, ``(channels,)``.
       num_groups: the number of groups; exactly one of ``num_groups`` and
@@ -192,12 +193,14 @@ def group_norm(
     Reference: Wu and He, ECCV 2018, arXiv:1803.08494.
     """
     x = _stats.check_floating(x)
-    if x.ndim < 2:
-        raise ValueError(f"group_norm needs `x` with a batch and a channel axis, got {x.shape}.")
+    if x.ndim < 1:
+        raise ValueError(f"group_norm needs `x` with a channel axis, got shape {x.shape}.")
     channels = x.shape[-1]
     num_groups = _stats.group_count(channels, num_groups, group_size)
     if reduction_axes is None:
-        reduction = tuple(range(1, x.ndim))
+        # Every axis but the first, and always the channels: one example of
+        # shape (channels,) (under jax.vmap) normalizes each group, as in Flax.
+        reduction = tuple(range(1, x.ndim - 1)) + (x.ndim - 1,)
     else:
         reduction = _stats.canonicalize_axes(reduction_axes, x.ndim, "reduction_axes")
         if x.ndim - 1 not in reduction:

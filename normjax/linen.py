@@ -49,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import meta
 from flax.linen.dtypes import canonicalize_dtype
@@ -244,8 +245,8 @@ class BatchNorm(nn.Module):
 
         Args:
           x: the input.
-          use_running_average: overrides the attribute of the same name; one
-            of the two must be set.
+          use_running_average: in place of the attribute of the same name;
+            exactly one of the two must be set (Flax's ``merge_param``).
           mask: optional array broadcastable to ``x``: the statistics are
             computed over its nonzero (True) entries only, as in Flax.
 
@@ -271,7 +272,13 @@ class BatchNorm(nn.Module):
             f"axis={self.axis!r}",
         )
 
-        initial = nj.batch_norm_state(feature_shape)
+        # In the statistics' dtype of the input and parameters: float32 but for
+        # a float64 model (x64), whose running averages float32 would round
+        # (Flax's turn float64 at their first update).
+        stats_dtype = jax.dtypes.canonicalize_dtype(
+            _stats.stat_dtype(jnp.promote_types(x.dtype, self.param_dtype))
+        )
+        initial = nj.batch_norm_state(feature_shape, dtype=stats_dtype)
         # Statistics stored without a count (flax.linen.BatchNorm's) count as
         # long warmed up: each batch then weighs 1 - momentum, as in Flax. A
         # count of 0 would make the next batch's statistics replace them. They

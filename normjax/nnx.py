@@ -214,7 +214,10 @@ class BatchNorm(nnx.Module):
         skip_nonfinite: bool = True,
     ):
         self.feature_shape = _as_shape(num_features, _describe(self))
-        initial = nj.batch_norm_state(self.feature_shape)
+        # float32, but float64 for a float64 model (x64), whose running
+        # averages float32 would round (Flax's turn float64 at their first update).
+        stats_dtype = jax.dtypes.canonicalize_dtype(_stats.stat_dtype(param_dtype))
+        initial = nj.batch_norm_state(self.feature_shape, dtype=stats_dtype)
         self.mean = nnx.BatchStat(initial.mean)
         self.var = nnx.BatchStat(initial.var)
         self.count = nnx.BatchStat(initial.count)

@@ -502,6 +502,17 @@ def test_instance_norm_feature_axes_with_the_batch_axis_name_it():
         nj.instance_norm(jnp.ones((4, 8)))
 
 
+def test_group_norm_of_one_example_normalizes_each_group_of_its_channels():
+    # A (channels,) input, as under jax.vmap, as Flax takes it (it was an error).
+    x = _normal(74, (4, 6), loc=1.0)
+    expected = ref.group_norm(x, num_groups=3)  # per example: the same sets
+    y = jax.vmap(lambda row: nj.group_norm(row, num_groups=3))(x)
+    _close(y, expected)
+    _close(nj.group_norm(x[0], num_groups=3, reduction_axes=-1), expected[0])
+    with pytest.raises(ValueError, match="needs `x` with a channel axis"):
+        nj.group_norm(jnp.float32(1.0), num_groups=1)
+
+
 def test_group_norm_reduction_axes_out_of_range():
     with pytest.raises(ValueError, match="reduction_axes"):
         nj.group_norm(jnp.ones((2, 3, 4)), num_groups=2, reduction_axes=(1, 3))

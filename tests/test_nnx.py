@@ -309,6 +309,17 @@ def test_num_features_of_another_type_is_a_clear_error(bad):
         njx.LayerNorm(bad, rngs=_rngs())
 
 
+def test_a_float64_model_keeps_float64_running_statistics():
+    with jax.enable_x64(True):
+        x = np.random.default_rng(6).normal(size=(64, 4)) + 1e4 + 1 / 3
+        bn = njx.BatchNorm(4, momentum=0.0, param_dtype=jnp.float64, rngs=_rngs())
+        assert bn.mean[...].dtype == jnp.float64
+        bn(jnp.asarray(x), use_running_average=False)
+        np.testing.assert_allclose(bn.mean[...], x.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(bn.var[...], x.var(0), rtol=1e-9)
+    assert njx.BatchNorm(4, rngs=_rngs()).mean[...].dtype == jnp.float32
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_mask_of_the_wrong_shape_is_a_clear_error(index):
     module = _modules(6)[index]
