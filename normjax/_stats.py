@@ -286,21 +286,44 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 # Explicit sharding.
 
 
-def _explicit_mesh(tree: Any) -> Any:
-    """The mesh of the first array of ``tree`` typed over Explicit mesh axes, or None."""
+def _explicitly_sharded_mesh(tree: Any) -> Any:
+    """The mesh of ``tree``'s arrays where one of them is sharded over an
+    Explicit axis of it; None where none is, or where the mesh has Manual
+    axes (inside ``shard_map``, where ``auto_axes`` cannot run).
+
+    Raises:
+      ValueError: the arrays lie on meshes of different axes (as JAX's own
+        binary operations do; here the first slice of x failed before any).
+    """
+    meshes, sharded = set(), False
     for leaf in jax.tree.leaves(tree):
         if not isinstance(leaf, jax.Array):
             continue
-        mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
-        if getattr(mesh, "explicit_axes", ()):
-            return mesh
-    return None
+        sharding = jax.typeof(leaf).sharding
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            continue
+        meshes.add(mesh)
+        explicit = set(mesh.explicit_axes)
+        for entry in sharding.spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            sharded = sharded or bool(explicit.intersection(names))
+    layouts = {str(dict(zip(m.axis_names, m.axis_sizes, strict=True))) for m in meshes}
+    if len(layouts) > 1:
+        raise ValueError(
+            "`x`, its parameters, mask and state must lie on one mesh; got arrays on "
+            f"meshes of axes {' and '.join(sorted(layouts))}."
+        )
+    if not sharded or any(m.manual_axes for m in meshes):
+        return None
+    (mesh,) = meshes
+    return mesh
 
 
 def auto_sharded(fn: Callable, like: Any, *args: Any) -> Any:
-    """``fn(*args)``, with any Explicit mesh axes of ``args`` made Auto inside
+    """``fn(*args)``, with the Explicit mesh axes of ``args`` made Auto inside
     and the outputs given the shardings of ``like`` (a pytree of arrays in
-    the outputs' structure).
+    the outputs' structure), where an input is sharded over such an axis.
 
     On a mesh of Explicit axes (``jax.make_mesh``'s default since jax 0.7),
     every operation's sharding is part of its type, and several the
@@ -309,9 +332,11 @@ def auto_sharded(fn: Callable, like: Any, *args: Any) -> Any:
     statistics sharded like x's features and a state that is not. Inside
     ``auto_axes`` XLA's partitioner places them, as it does on an Auto mesh,
     and the outputs keep the inputs' shardings: y that of x, a running
-    state its own. Elsewhere ``fn`` runs as it is.
+    state its own (replicated, for one on no mesh). Elsewhere, and inside a
+    ``shard_map`` (whose per-device arrays need none of this; ``auto_axes``
+    broke their gradients), ``fn`` runs as it is.
     """
-    mesh = _explicit_mesh(args)
+    mesh = _explicitly_sharded_mesh(args)
     if mesh is None:
         return fn(*args)
 

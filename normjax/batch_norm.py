@@ -45,6 +45,12 @@ class BatchNormState(NamedTuple):
     count: Array
 
 
+# So that an exported training step (jax.export) serializes: its state is a pytree node.
+jax.export.register_namedtuple_serialization(
+    BatchNormState, serialized_name="normjax.BatchNormState"
+)
+
+
 def batch_norm_state(
     feature_shape: int | tuple[int, ...], dtype: Any = jnp.float32
 ) -> BatchNormState:

@@ -400,3 +400,30 @@ def test_axis_name_may_be_a_list_as_in_psum(op, names):
 
     y = jax.vmap(jax.vmap(local, axis_name="inner"), axis_name="outer")(per_example)
     _close(np.asarray(y).reshape(x.shape), ref.batch_norm_train(x))
+
+
+def test_gradients_inside_a_shard_map_over_some_explicit_axes(explicit_mesh):
+    # Per-device arrays there need no auto_axes, which cannot run under Manual
+    # axes: wrapping every op in it broke their gradients (a mesh mismatch).
+    x, _, _, _ = _explicit_cases()
+    g = np.random.default_rng(23).normal(size=x.shape).astype(np.float32)
+    xs = jax.device_put(x, NamedSharding(explicit_mesh, P("data")))
+
+    def local(x):
+        return nj.batch_norm(x, nj.batch_norm_state(8), training=True, axis_name="data")[0]
+
+    per_device = jax.shard_map(
+        local, mesh=explicit_mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"}
+    )
+    with jax.set_mesh(explicit_mesh):
+        dx = jax.jit(jax.grad(lambda x: jnp.sum(per_device(x) * g)))(xs)
+    _close(dx, ref.normalize_grad(x, g, (0, 1, 2), 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_arrays_on_two_meshes_are_an_error_naming_them(explicit_mesh):
+    other = jax.make_mesh((2, 4), ("p", "q"))
+    x, scale, bias, _ = _explicit_cases()
+    xs = jax.device_put(x, NamedSharding(explicit_mesh, P("data")))
+    scale_elsewhere = jax.device_put(scale, NamedSharding(other, P("q")))
+    with pytest.raises(ValueError, match=r"must lie on one mesh.*'data': 4.*'p': 2"):
+        jax.jit(nj.layer_norm)(xs, scale_elsewhere)

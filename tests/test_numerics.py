@@ -1369,6 +1369,10 @@ def test_export_with_a_symbolic_batch_equals_float64(loc):
             np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-4, atol=1e-4,
                                        err_msg=f"{name}, batch {batch}")  # fmt: skip
             if name == "batch_norm":
+                # The training step also survives serialization (its state is a
+                # NamedTuple, which jax.export must have registered).
+                restored = export.deserialize(exported.serialize())
+                chex.assert_trees_all_equal(restored.call(x), out)
                 mean, var, _ = ref.batch_stats(x)
                 # One step from a count of 1 with momentum 0.99, debiased.
                 w = 0.01 / (1 - 0.99**2)
