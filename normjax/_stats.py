@@ -292,8 +292,9 @@ def _explicitly_sharded_mesh(tree: Any) -> Any:
     axes (inside ``shard_map``, where ``auto_axes`` cannot run).
 
     Raises:
-      ValueError: the arrays lie on meshes of different axes (as JAX's own
-        binary operations do; here the first slice of x failed before any).
+      ValueError: the arrays lie on meshes of Explicit axes that differ (as
+        JAX's own binary operations do; here the first slice of x failed
+        before any). Meshes of Auto axes may differ, as they may in JAX.
     """
     meshes, sharded = set(), False
     for leaf in jax.tree.leaves(tree):
@@ -301,7 +302,8 @@ def _explicitly_sharded_mesh(tree: Any) -> Any:
             continue
         sharding = jax.typeof(leaf).sharding
         mesh = getattr(sharding, "mesh", None)
-        if mesh is None or mesh.empty:
+        if mesh is None or not (mesh.explicit_axes or mesh.manual_axes):
+            # No mesh, or only Auto axes: XLA's partitioner places everything.
             continue
         meshes.add(mesh)
         explicit = set(mesh.explicit_axes)

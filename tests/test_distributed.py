@@ -427,3 +427,13 @@ def test_arrays_on_two_meshes_are_an_error_naming_them(explicit_mesh):
     scale_elsewhere = jax.device_put(scale, NamedSharding(other, P("q")))
     with pytest.raises(ValueError, match=r"must lie on one mesh.*'data': 4.*'p': 2"):
         jax.jit(nj.layer_norm)(xs, scale_elsewhere)
+
+
+def test_arrays_on_two_auto_meshes_are_placed_by_xla(mesh):
+    # As in JAX itself, where plain x * scale works: only Explicit meshes must agree.
+    other = Mesh(np.array(jax.devices()[:DEVICES]).reshape(2, 4), ("p", "q"))
+    x, (scale, bias) = _batch(10), _params()
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    scale_elsewhere = jax.device_put(scale, NamedSharding(other, P()))
+    y = jax.jit(nj.layer_norm)(xs, scale_elsewhere, bias)
+    _close(y, ref.layer_norm(x, scale, bias))
