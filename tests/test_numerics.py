@@ -1323,30 +1323,32 @@ def test_branch_free_statistics_have_the_closed_form_derivative(center):
 # ---------------------------------------------------------------- jax.export
 
 
-@pytest.mark.parametrize("loc", [0.0, 1e4], ids=["one_pass", "exact_passes"])
-def test_export_with_a_symbolic_batch_equals_float64(loc):
+def test_export_with_a_symbolic_batch_equals_float64():
     # Shape comparisons that choose a faster path, and the power of two the
     # exact passes scale by, read the batch size: a symbolic one was
     # InconclusiveDimensionOperation at trace time for every op but RMS norm.
+    # Each op is exported once and run on data near 0 (the one-pass path) and
+    # near 1e4 (the exact passes), at two batch sizes.
     from jax import export
 
     (b,) = export.symbolic_shape("b")
     rng = np.random.default_rng(41)
     scale, bias = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
     running = nj.BatchNormState(
-        jnp.full(16, loc, jnp.float32), jnp.full(16, 2.0, jnp.float32), jnp.asarray(1, jnp.int32)
+        jnp.full(16, 5.0, jnp.float32), jnp.full(16, 2.0, jnp.float32), jnp.asarray(1, jnp.int32)
     )
+    mask = np.arange(16) % 3 > 0  # broadcast over the batch, and any batch size
     cases = {
         "layer_norm": (lambda x: nj.layer_norm(x, scale, bias), ref.layer_norm),
-        "rms_norm": (lambda x: nj.rms_norm(x, scale), ref.rms_norm),
+        "rms_norm": (lambda x: nj.rms_norm(x, scale), lambda x, s, b: ref.rms_norm(x, s)),
         "group_norm": (
             lambda x: nj.group_norm(x, scale, bias, num_groups=4),
             lambda x, s, b: ref.group_norm(x, s, b, num_groups=4),
         ),
         "instance_norm": (lambda x: nj.instance_norm(x, scale, bias), ref.instance_norm),
         "layer_norm_masked": (
-            lambda x: nj.layer_norm(x, scale, bias, mask=x > loc),
-            lambda x, s, b: np.where(x > loc, ref.layer_norm(x, s, b, mask=x > loc), 0),
+            lambda x: jnp.where(mask, nj.layer_norm(x, scale, bias, mask=mask), 0),
+            lambda x, s, b: np.where(mask, ref.layer_norm(x, s, b, mask=mask), 0),
         ),
         "batch_norm_eval": (
             lambda x: nj.batch_norm(x, running, scale, bias, training=False)[0],
@@ -1359,22 +1361,22 @@ def test_export_with_a_symbolic_batch_equals_float64(loc):
     }
     for name, (op, expected) in cases.items():
         exported = export.export(jax.jit(op))(jax.ShapeDtypeStruct((b, 4, 3, 16), jnp.float32))
-        for batch in (3, 6):
+        for loc, batch in ((0.0, 3), (1e4, 3), (0.0, 6), (1e4, 6)):
             x = (loc + rng.normal(size=(batch, 4, 3, 16))).astype(np.float32)
             out = exported.call(x)
             y = out[0] if name == "batch_norm" else out
-            if name == "layer_norm_masked":
-                y = np.where(x > loc, y, 0)  # a hidden entry's output is not specified
-            want = expected(x, scale, bias) if name != "rms_norm" else expected(x, scale)
-            np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-4, atol=1e-4,
-                                       err_msg=f"{name}, batch {batch}")  # fmt: skip
+            want = expected(x, scale, bias)
+            np.testing.assert_allclose(
+                np.asarray(y, np.float64), want, rtol=1e-4, atol=1e-4, err_msg=f"{name}@{loc}"
+            )
             if name == "batch_norm":
-                # The training step also survives serialization (its state is a
-                # NamedTuple, which jax.export must have registered).
-                restored = export.deserialize(exported.serialize())
-                chex.assert_trees_all_equal(restored.call(x), out)
                 mean, var, _ = ref.batch_stats(x)
                 # One step from a count of 1 with momentum 0.99, debiased.
                 w = 0.01 / (1 - 0.99**2)
-                np.testing.assert_allclose(out[1].mean, (1 - w) * loc + w * mean, rtol=1e-5)
+                np.testing.assert_allclose(out[1].mean, (1 - w) * 5.0 + w * mean, rtol=1e-5)
                 np.testing.assert_allclose(out[1].var, (1 - w) * 2.0 + w * var, rtol=1e-4)
+        if name == "batch_norm":
+            # The training step also survives serialization (its state is a
+            # NamedTuple, which jax.export must have registered).
+            restored = export.deserialize(exported.serialize())
+            chex.assert_trees_all_equal(restored.call(x), out)
