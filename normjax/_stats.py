@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -145,11 +147,10 @@ def static_number(value: Any, name: str, valid: Callable[[float], bool], expecte
     real = (int, float, np.integer, np.floating, np.ndarray, jax.Array)
     if isinstance(value, real) and not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0:
         kind = np.asarray(value).dtype
-        if np.issubdtype(kind, np.integer):
+        floating = jnp.issubdtype(kind, jnp.floating)
+        if floating or np.issubdtype(kind, np.integer):
             number = float(value)
-        elif jnp.issubdtype(kind, jnp.floating):
-            number = float(value)
-            if kind.itemsize < 8:
+            if floating and kind.itemsize < 8:
                 # The decimal it prints as: jnp.float32(0.9) is the 0.9 it was
                 # written as, not 0.89999998 (the state's averages weigh 1 -
                 # momentum in float64, see batch_norm's _update_state).
@@ -171,6 +172,26 @@ def check_epsilon(epsilon: Any) -> float:
         epsilon, "epsilon", lambda v: tiny <= v < math.inf,
         f"a finite number of at least {tiny:.7g} (float32's smallest normal number)",
     )
+
+
+def checked_shape(value: Any, name: str) -> tuple[int, ...]:
+    """``value`` (a non-negative integer, a numpy or concrete jax one too, or a
+    sequence of them) as a shape, or TypeError naming ``name``: "16" or
+    (2, 4.0) is no shape, though iterating or int() would make one."""
+
+    def size(n: Any) -> int:
+        integral = isinstance(n, numbers.Integral) or (
+            hasattr(n, "dtype") and jnp.ndim(n) == 0 and jnp.issubdtype(n.dtype, jnp.integer)
+        )
+        if isinstance(n, bool | np.bool_) or not integral or operator.index(n) < 0:
+            raise TypeError(
+                f"`{name}` must be a non-negative int or a sequence of them, got {value!r}."
+            )
+        return operator.index(n)
+
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(size(n) for n in value)
+    return (size(value),)
 
 
 def check_bool(value: Any, name: str) -> bool:

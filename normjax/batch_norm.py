@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from normjax import _stats
@@ -67,21 +66,8 @@ def batch_norm_state(
       TypeError: ``feature_shape`` is not a non-negative int or a sequence of
         them; ``dtype`` is not floating.
     """
-
-    def size(d: Any) -> bool:
-        return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
-
-    try:
-        shape = (feature_shape,) if size(feature_shape) else tuple(feature_shape)
-    except TypeError:
-        shape = (None,)
-    if not all(map(size, shape)):
-        raise TypeError(
-            "`feature_shape` must be a non-negative int or a sequence of them, got "
-            f"{feature_shape!r}."
-        )
+    shape = _stats.checked_shape(feature_shape, "feature_shape")
     dtype = _stats.check_float_dtype(dtype)
-    shape = tuple(int(d) for d in shape)
     return BatchNormState(
         jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32)
     )

@@ -25,15 +25,12 @@ non-batch axis unreduced; normjax's GroupNorm is right there.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Array, Dtype, Initializer, PromoteDtypeFn
@@ -58,27 +55,6 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 # ----------------------------------------------------------------------------
 # Shared private helpers: shapes and parameters. No maths here.
-
-
-def _as_shape(num_features: int | Sequence[int], module: str) -> tuple[int, ...]:
-    """``num_features`` as a shape: ``(n,)`` for an integer (a numpy or a
-    concrete jax one too, as Flax takes), the tuple of a sequence of them."""
-
-    def size(n: Any) -> int:
-        integral = isinstance(n, numbers.Integral) or (
-            hasattr(n, "dtype") and jnp.ndim(n) == 0 and jnp.issubdtype(n.dtype, jnp.integer)
-        )
-        if isinstance(n, bool | np.bool_) or not integral or operator.index(n) < 0:
-            # "16" had become the shape (1, 6); 8.0 a TypeError from inside a loop.
-            raise TypeError(
-                f"{module}: `num_features` must be a non-negative int or a sequence of them, "
-                f"got {num_features!r}."
-            )
-        return operator.index(n)
-
-    if isinstance(num_features, Sequence) and not isinstance(num_features, str):
-        return tuple(size(n) for n in num_features)
-    return (size(num_features),)
 
 
 def _make_params(
@@ -213,7 +189,8 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         skip_nonfinite: bool = True,
     ):
-        self.feature_shape = _as_shape(num_features, _describe(self))
+        with _errors_name(self):
+            self.feature_shape = _stats.checked_shape(num_features, "num_features")
         # float32, but float64 for a float64 model (x64), whose running
         # averages float32 would round (Flax's turn float64 at their first update).
         stats_dtype = jax.dtypes.canonicalize_dtype(_stats.stat_dtype(param_dtype))
@@ -399,7 +376,8 @@ class _PerSampleNorm(nnx.Module):
         bias_metadata: Mapping[str, Any],
         scale_metadata: Mapping[str, Any],
     ):
-        self.feature_shape = _as_shape(num_features, _describe(self))
+        with _errors_name(self):
+            self.feature_shape = _stats.checked_shape(num_features, "num_features")
         self.scale, self.bias = _make_params(
             self.feature_shape,
             use_scale=use_scale,
